@@ -1,0 +1,87 @@
+"""mtsgd_jax: Stochastic Multiple Target Sampling Gradient Descent (MT-SGD) in JAX.
+
+MT-SGD moves M particles so that they sample from K unnormalised target
+densities at once: per step it forms one Stein direction per target, their RKHS
+Gram matrix U (K, K), solves ONE simplex QP for the weights and applies the
+weighted direction to every particle. The library exposes it as an optax
+transformation (:func:`mtsgd`), with SVGD (:func:`svgd`) as the K = 1 case.
+"""
+
+from mtsgd_jax.kernels import (
+    KernelMatrices,
+    RadialKernel,
+    imq,
+    kernel_matrices,
+    median_bandwidth,
+    pairwise_sq_dists,
+    radial_kernel,
+    rbf,
+)
+from mtsgd_jax.particles import (
+    ParticleSpec,
+    flatten_particles,
+    flatten_target_grads,
+    init_flax_particles,
+    init_particles,
+    num_particles,
+    unflatten_particles,
+)
+from mtsgd_jax.problems import ToyProblem, toy_problem
+from mtsgd_jax.qp import SOLVERS, min_norm_weights, projection_simplex
+from mtsgd_jax.sampling import SampleResult, Trace, find_stein_state, sample
+from mtsgd_jax.stein import (
+    SteinQuantities,
+    gram_matrix,
+    kernel_stein_discrepancy,
+    stein_directions,
+    stein_quantities,
+)
+from mtsgd_jax.targets import (
+    log_prob_value_and_loss_grads,
+    loss_value_and_grads,
+    stack_targets,
+    value_and_grads,
+)
+from mtsgd_jax.transforms import MTSGDState, SVGDState, mtsgd, svgd
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KernelMatrices",
+    "MTSGDState",
+    "ParticleSpec",
+    "RadialKernel",
+    "SOLVERS",
+    "SVGDState",
+    "SampleResult",
+    "SteinQuantities",
+    "ToyProblem",
+    "Trace",
+    "find_stein_state",
+    "flatten_particles",
+    "flatten_target_grads",
+    "gram_matrix",
+    "imq",
+    "init_flax_particles",
+    "init_particles",
+    "kernel_matrices",
+    "kernel_stein_discrepancy",
+    "log_prob_value_and_loss_grads",
+    "loss_value_and_grads",
+    "median_bandwidth",
+    "min_norm_weights",
+    "mtsgd",
+    "num_particles",
+    "pairwise_sq_dists",
+    "projection_simplex",
+    "radial_kernel",
+    "rbf",
+    "sample",
+    "stack_targets",
+    "stein_directions",
+    "stein_quantities",
+    "svgd",
+    "toy_problem",
+    "unflatten_particles",
+    "value_and_grads",
+]

@@ -1,0 +1,21 @@
+"""Test configuration: float64 available everywhere, hypothesis tuned for CI."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
+import jax  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Tests choose float32 or float64 explicitly; enabling x64 lets them do both
+# (and checks that float32 inputs are not silently promoted).
+jax.config.update("jax_enable_x64", True)
+
+settings.register_profile(
+    "ci",
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile("dev", max_examples=200, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
