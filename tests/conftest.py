@@ -2,7 +2,6 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 import jax  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
