@@ -12,7 +12,7 @@ PyTree = Any
 
 def leaf_paths(tree: PyTree):
     """[(path string, leaf)] for every leaf of ``tree``."""
-    return [(jax.tree_util.keystr(p) or "<root>", leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+    return [(jax.tree_util.keystr(p), leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def num_particles(particles: PyTree, name: str = "particles") -> int:
@@ -79,3 +79,18 @@ def check_target_grads(grads: PyTree, params: PyTree, num_targets: int | None, n
             f"num_targets = {num_targets}."
         )
     return int(k)
+
+
+def check_like_params(grads: PyTree, params: PyTree, name: str = "grads") -> None:
+    """Check that ``grads`` has exactly the structure and leaf shapes of ``params`` (M, ...)."""
+    if params is None:
+        raise ValueError("params is required: call update(grads, state, params) with the particles (leaves (M, ...)).")
+    num_particles(params, "params")
+    if jax.tree_util.tree_structure(grads) != jax.tree_util.tree_structure(params):
+        raise ValueError(f"{name} must have the same pytree structure as params.")
+    for (path, g), (_, p) in zip(leaf_paths(grads), leaf_paths(params)):
+        if tuple(np.shape(g)) != tuple(np.shape(p)):
+            raise ValueError(
+                f"{name}{path} has shape {tuple(np.shape(g))}; expected the shape of params{path}, "
+                f"{tuple(np.shape(p))} = (M, ...): one loss gradient per particle (no target axis for svgd)."
+            )

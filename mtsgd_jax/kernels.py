@@ -193,23 +193,63 @@ def pairwise_sq_dists(x: Array, y: Array | None = None) -> Array:
     return r2
 
 
+def _kth_smallest_pair(r2: Array, k: int) -> Array:
+    """k-th smallest (0-based) of the distinct-pair entries {r2[a, b] : a < b}.
+
+    Exact selection without a sort: non-negative IEEE floats are ordered like
+    their bit patterns read as integers, so a bisection over the integer range
+    finds the k-th smallest value in ``bits`` passes (31 for float32, 63 for
+    float64), each one fused count over the matrix. The count over distinct
+    pairs is ``(count over the full matrix - M) / 2`` because ``r2`` is
+    symmetric with an exactly zero diagonal.
+    """
+    m = r2.shape[0]
+    itype = jnp.int64 if r2.dtype == jnp.float64 else jnp.int32
+    bits = jax.lax.bitcast_convert_type(r2, itype)
+    nbits = jnp.iinfo(itype).bits - 1
+    hi0 = jax.lax.bitcast_convert_type(jnp.asarray(jnp.inf, r2.dtype), itype)
+
+    def body(_, lohi):
+        lo, hi = lohi
+        mid = lo + (hi - lo) // 2
+        count = (jnp.sum(bits <= mid, dtype=itype) - m) // 2
+        above = count > k
+        return jnp.where(above, lo, mid + 1), jnp.where(above, mid, hi)
+
+    _, hi = jax.lax.fori_loop(0, nbits, body, (jnp.zeros((), itype), hi0), unroll=4)
+    return jax.lax.bitcast_convert_type(hi, r2.dtype)
+
+
 def median_bandwidth(r2: Array) -> Array:
     """Median-heuristic bandwidth from an (M, M) matrix of squared distances.
 
-    Returns ``median{r2[a, b] : a < b} / log(M + 1)`` with the fallbacks of the
-    module docstring (mean of distinct-pair distances if the median is 0; 1 if
-    all particles coincide or M = 1). The result carries no gradient.
+    ``r2`` must be symmetric with a zero diagonal (as returned by
+    :func:`pairwise_sq_dists`). Returns ``median{r2[a, b] : a < b} / log(M + 1)``
+    with the fallbacks of the module docstring (mean of distinct-pair distances
+    if the median is 0; 1 if all particles coincide or M = 1). The median is
+    exact, found by a sort-free bisection (much faster than ``jnp.median`` on
+    CPU). The result carries no gradient.
     """
     m = r2.shape[0]
     if m < 2:
         return jnp.ones((), r2.dtype)
-    rows, cols = jnp.triu_indices(m, k=1)
-    pairs = jax.lax.stop_gradient(r2[rows, cols])
-    med = jnp.median(pairs)
-    mean = jnp.mean(pairs)
-    tiny = jnp.finfo(r2.dtype).tiny * 1e3
+    dtype = r2.dtype
+    work = jax.lax.stop_gradient(r2)
+    if dtype not in (jnp.float32, jnp.float64):
+        work = work.astype(jnp.float32)
+    n = m * (m - 1) // 2
+    lower = _kth_smallest_pair(work, (n - 1) // 2)
+    if n % 2:
+        med = lower
+    else:
+        # The next order statistic: ``lower`` again if it repeats, else the next larger value.
+        repeats = (jnp.sum(work <= lower) - m) // 2 > n // 2
+        upper = jnp.min(jnp.where(work > lower, work, jnp.inf))
+        med = 0.5 * (lower + jnp.where(repeats, lower, upper))
+    mean = jnp.sum(work) / (m * (m - 1))
+    tiny = jnp.finfo(work.dtype).tiny * 1e3
     scale = jnp.where(med > tiny, med, jnp.where(mean > tiny, mean, jnp.log(m + 1.0)))
-    return (scale / jnp.log(m + 1.0)).astype(r2.dtype)
+    return (scale / jnp.log(m + 1.0)).astype(dtype)
 
 
 class KernelMatrices(NamedTuple):

@@ -148,8 +148,8 @@ def min_norm_weights(
       >>> import jax.numpy as jnp
       >>> from mtsgd_jax import min_norm_weights
       >>> U = jnp.array([[1.0, -1.0], [-1.0, 1.0]])   # opposite directions
-      >>> min_norm_weights(U, method="closed_form")
-      Array([0.5, 0.5], dtype=float32)
+      >>> min_norm_weights(U, method="closed_form").tolist()
+      [0.5, 0.5]
     """
     gram = jnp.asarray(gram)
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] == 0:

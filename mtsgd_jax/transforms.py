@@ -23,7 +23,7 @@ import optax
 from mtsgd_jax import kernels as _kernels
 from mtsgd_jax import qp as _qp
 from mtsgd_jax import stein as _stein
-from mtsgd_jax._validation import check_target_grads, num_particles
+from mtsgd_jax._validation import check_like_params, check_target_grads, num_particles
 from mtsgd_jax.particles import flatten_particles, flatten_target_grads, unflatten_particles
 
 PyTree = Any
@@ -203,8 +203,8 @@ def svgd(kernel: _kernels.RadialKernel | None = None) -> optax.GradientTransform
 
     def update_fn(grads, state, params=None, **extra_args):
         del extra_args
+        check_like_params(grads, params)
         stacked = jax.tree_util.tree_map(lambda g: jnp.expand_dims(g, 0), grads)
-        check_target_grads(stacked, params, 1, name="grads[None]")
         updates, _, ksd, h = _stein_step(stacked, params, kernel, one_target, None)
         return updates, SVGDState(
             ksd[0].astype(state.ksd.dtype),
