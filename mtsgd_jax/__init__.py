@@ -42,7 +42,7 @@ from mtsgd_jax.targets import (
     stack_targets,
     value_and_grads,
 )
-from mtsgd_jax.transforms import MTSGDState, SVGDState, mtsgd, svgd
+from mtsgd_jax.transforms import WEIGHTINGS, MTSGDState, SVGDState, mtsgd, svgd
 
 __version__ = "0.1.0"
 
@@ -57,6 +57,7 @@ __all__ = [
     "SteinQuantities",
     "ToyProblem",
     "Trace",
+    "WEIGHTINGS",
     "find_stein_state",
     "flatten_particles",
     "flatten_target_grads",

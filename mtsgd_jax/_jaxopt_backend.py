@@ -7,8 +7,10 @@ iterates; :mod:`mtsgd_jax.qp` projects them back onto the simplex.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
+import jax
 import jax.numpy as jnp
 
 
@@ -22,26 +24,36 @@ def _jaxopt():
     return jaxopt
 
 
+@functools.partial(jax.jit, static_argnames=("maxiter", "tol"))
 def projected_gradient(u, init, maxiter: int, tol: float):
-    """Accelerated projected gradient (FISTA) with Euclidean simplex projection."""
+    """Projected gradient with a fixed step and Euclidean simplex projection.
+
+    Not accelerated on purpose: jaxopt stops when two consecutive iterates
+    coincide, which for plain projected gradient is exactly the fixed-point
+    (optimality) condition, whereas FISTA's momentum can park two equal
+    iterates on a vertex that is not optimal.
+    """
     jaxopt = _jaxopt()
     from jaxopt.projection import projection_simplex
 
-    # grad of w^T U w is 2 U w with Lipschitz constant 2 lambda_max(U) <= 2 trace(U) <= 2K
-    # because U arrives scaled to unit maximum diagonal: a static step size 1 / (2K).
-    lipschitz = 2.0 * u.shape[0]
+    # Rescale (the minimiser is scale invariant) so that the Gershgorin bound on
+    # lambda_max(U) is one: the gradient 2 U w is then 2-Lipschitz and the static
+    # step 1/2 is safe without being needlessly short.
+    bound = jnp.max(jnp.sum(jnp.abs(u), axis=1))
+    u = u / jnp.maximum(bound, jnp.finfo(u.dtype).tiny)
     solver = jaxopt.ProjectedGradient(
         fun=lambda w, mat: w @ mat @ w,
         projection=projection_simplex,
-        stepsize=1.0 / lipschitz,
+        stepsize=0.5,
         maxiter=maxiter,
         tol=tol,
         implicit_diff=False,
-        acceleration=True,
+        acceleration=False,
     )
     return solver.run(init, mat=u).params
 
 
+@functools.partial(jax.jit, static_argnames=("maxiter", "tol"))
 def osqp(u, init, maxiter: int, tol: float):
     """jaxopt's OSQP (ADMM) with constraints 1^T w = 1 and w >= 0."""
     jaxopt = _jaxopt()

@@ -38,20 +38,22 @@ def num_particles(particles: PyTree, name: str = "particles") -> int:
     return int(m)
 
 
-def check_target_grads(grads: PyTree, params: PyTree, num_targets: int | None, name: str = "grads") -> int:
+def check_target_grads(
+    grads: PyTree, params: PyTree, num_targets: int | None, name: str = "grads", params_name: str = "params"
+) -> int:
     """Check that ``grads`` has leaves (K, M, ...) matching ``params`` leaves (M, ...). Returns K."""
     if params is None:
         raise ValueError(
             "params is required: call update(grads, state, params) with the particles "
             "(leaves of shape (M, ...)); the Stein direction depends on where the particles are."
         )
-    m = num_particles(params, "params")
+    m = num_particles(params, params_name)
     p_def = jax.tree_util.tree_structure(params)
     g_def = jax.tree_util.tree_structure(grads)
     if p_def != g_def:
         raise ValueError(
-            f"{name} must have the same pytree structure as params (leaves (K, M, ...) vs (M, ...));"
-            f" got {g_def} for {name} and {p_def} for params."
+            f"{name} must have the same pytree structure as {params_name} (leaves (K, M, ...) vs (M, ...));"
+            f" got {g_def} for {name} and {p_def} for {params_name}."
         )
     ks = set()
     for (path, g), (_, p) in zip(leaf_paths(grads), leaf_paths(params)):
@@ -64,7 +66,7 @@ def check_target_grads(grads: PyTree, params: PyTree, num_targets: int | None, n
             )
         if gs[1] != m:
             raise ValueError(
-                f"{name}{path} has {gs[1]} particles on axis 1 but params has M = {m}: expected shape "
+                f"{name}{path} has {gs[1]} particles on axis 1 but {params_name} has M = {m}: expected shape "
                 f"(K, {m}) + {ps[1:]}."
             )
         ks.add(gs[0])

@@ -35,6 +35,7 @@ from typing import Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Profile = Callable[[Array], Array]
@@ -109,7 +110,12 @@ def _check_bandwidth(bandwidth: Bandwidth) -> Bandwidth:
         if bandwidth != "median":
             raise ValueError(f"bandwidth must be a positive float or 'median', got {bandwidth!r}.")
         return bandwidth
-    if isinstance(bandwidth, (int, float)) and not (bandwidth > 0 and math.isfinite(bandwidth)):
+    if np.ndim(bandwidth) != 0:
+        raise ValueError(f"bandwidth must be a scalar (or 'median'), got shape {np.shape(bandwidth)}.")
+    if isinstance(bandwidth, jax.core.Tracer):
+        return bandwidth  # e.g. a hyper-parameter under jit: cannot be checked here
+    value = float(bandwidth)
+    if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"bandwidth must be a positive finite float or 'median', got {bandwidth!r}.")
     return bandwidth
 
@@ -261,6 +267,9 @@ class KernelMatrices(NamedTuple):
       dk: ``kappa'(r2)``, derivative with respect to the squared distance.
       d2k: ``kappa''(r2)``.
       bandwidth: scalar bandwidth actually used.
+      trace_sum: scalar ``sum_ab tr(grad_a grad_b k(x_a, x_b))
+        = sum_ab (-2 d kappa'_ab - 4 r2_ab kappa''_ab)``, evaluated in the scaled
+        variable ``u = r2 / h`` so that it stays finite for tiny bandwidths.
     """
 
     r2: Array
@@ -268,6 +277,7 @@ class KernelMatrices(NamedTuple):
     dk: Array
     d2k: Array
     bandwidth: Array
+    trace_sum: Array
 
 
 def kernel_matrices(kernel: RadialKernel, x: Array) -> KernelMatrices:
@@ -285,5 +295,9 @@ def kernel_matrices(kernel: RadialKernel, x: Array) -> KernelMatrices:
         h = median_bandwidth(r2)
     else:
         h = jnp.asarray(kernel.bandwidth, dtype=x.dtype)
-    f, df, d2f = kernel.derivatives(r2 / h)
-    return KernelMatrices(r2=r2, k=f, dk=df / h, d2k=d2f / (h * h), bandwidth=h)
+    u = r2 / h
+    f, df, d2f = kernel.derivatives(u)
+    d = x.shape[1]
+    # -2 d kappa' - 4 r2 kappa'' = (-2 d f'(u) - 4 u f''(u)) / h: no h^2 that could overflow.
+    trace_sum = jnp.sum(-2.0 * d * df - 4.0 * u * d2f) / h
+    return KernelMatrices(r2=r2, k=f, dk=df / h, d2k=d2f / (h * h), bandwidth=h, trace_sum=trace_sum)

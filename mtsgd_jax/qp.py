@@ -4,8 +4,9 @@ MT-SGD solves ONE such (K, K) problem per step; MOO-SVGD and MGDA solve one per
 particle (vmap :func:`min_norm_weights`). Backends:
 
 ``"projected_gradient"`` (default)
-    accelerated projected gradient with Euclidean projection onto the simplex
-    (jaxopt ``ProjectedGradient`` + ``projection_simplex``).
+    projected gradient with a fixed step and Euclidean projection onto the
+    simplex (jaxopt ``ProjectedGradient`` + ``projection_simplex``), stopped on
+    the fixed-point residual.
 ``"osqp"``
     jaxopt's OSQP.
 ``"frank_wolfe"``
@@ -16,7 +17,9 @@ particle (vmap :func:`min_norm_weights`). Backends:
 
 Whatever the backend, U is first symmetrised and scaled to unit maximum
 diagonal (the minimiser is scale invariant, and this makes tolerances
-relative), and the result is projected onto the simplex, so the returned
+relative); the backend's answer is then polished by a short active-set search
+that is kept only when it certifiably solves the problem, and projected onto
+the simplex, so the returned
 weights are always non-negative and sum to one. A U with non-finite entries
 gives uniform weights, and a backend whose output is non-finite or far off the
 simplex falls back to the initial point. All backends are jit- and vmap-compatible.
@@ -39,7 +42,19 @@ SOLVERS = ("projected_gradient", "osqp", "frank_wolfe", "closed_form")
 
 
 def projection_simplex(v: Array) -> Array:
-    """Euclidean projection of ``v`` (K,) onto the probability simplex (sort-based)."""
+    """Euclidean projection onto the probability simplex (sort-based).
+
+    Args:
+      v: shape (..., K); leading axes are batch axes.
+
+    Returns:
+      Same shape: each (K,) row projected onto ``{w >= 0, sum w = 1}``.
+    """
+    v = jnp.asarray(v)
+    if v.ndim == 0:
+        raise ValueError("projection_simplex: v must have at least one axis (K,).")
+    if v.ndim > 1:
+        return jnp.vectorize(projection_simplex, signature="(k)->(k)")(v)
     k = v.shape[-1]
     u = jnp.sort(v)[::-1]
     css = jnp.cumsum(u) - 1.0
@@ -110,6 +125,66 @@ def _osqp(u, init, maxiter, tol):
     return _jaxopt_backend.osqp(u, init, maxiter, tol)
 
 
+def _kkt_candidate(u, support):
+    """Minimiser of w^T U w over {sum w = 1, w_j = 0 off ``support``}, from its KKT system.
+
+    Solves [[2 U_SS, -1], [1^T, 0]] [w_S; lam] = [0; 1] with the rows and columns
+    off the support replaced by the identity. May be infeasible or non-finite
+    (singular U_SS); the caller checks.
+    """
+    k = u.shape[0]
+    on = support.astype(u.dtype)
+    both = on[:, None] * on[None, :]
+    top = jnp.concatenate([2.0 * u * both + jnp.diag(1.0 - on), -on[:, None]], axis=1)
+    bottom = jnp.concatenate([on, jnp.zeros((1,), u.dtype)])[None, :]
+    rhs = jnp.zeros((k + 1,), u.dtype).at[k].set(1.0)
+    return jnp.linalg.solve(jnp.concatenate([top, bottom], axis=0), rhs)[:k]
+
+
+def _polish(u, w):
+    """Make an approximate minimiser exact: a short primal active-set search seeded by ``w``.
+
+    Starting from the support of ``w``, each round solves the KKT system on the
+    current support; an infeasible solution (a negative weight, or a singular
+    system) drops one index, a feasible one that violates Lemma 1 adds the most
+    violating index. A candidate is accepted only if it is feasible and carries
+    the optimality certificate of Lemma 1 ((U w)_k >= w^T U w for all k, to
+    rounding); the QP is convex, so that certificate is exact. At most 2K + 2
+    rounds; without a certified candidate ``w`` is returned unchanged.
+    ``u`` is scaled to unit maximum diagonal.
+    """
+    k = u.shape[0]
+    eps = 64 * jnp.finfo(u.dtype).eps * k
+
+    def cond(carry):
+        it, _, _, done = carry
+        return (~done) & (it < 2 * k + 2)
+
+    def body(carry):
+        it, support, best, _ = carry
+        cand = _kkt_candidate(u, support)
+        finite = jnp.all(jnp.isfinite(cand))
+        feasible = finite & jnp.all(cand >= -eps)
+        cand = projection_simplex(jnp.where(feasible, cand, best))
+        ucand = u @ cand
+        certified = feasible & (cand @ ucand - jnp.min(ucand) <= eps)
+        # Infeasible: drop the most negative weight (or, if the system was singular, the
+        # smallest weight of the seed) -- never the last index. Feasible: add the most
+        # violating index.
+        score = jnp.where(support, jnp.where(finite, cand, w), jnp.inf)
+        can_drop = jnp.sum(support) > 1
+        dropped = support.at[jnp.argmin(score)].set(False)
+        added = support.at[jnp.argmin(ucand)].set(True)
+        support = jnp.where(feasible, added, jnp.where(can_drop, dropped, support))
+        best = jnp.where(certified, cand, best)
+        return it + 1, support, best, certified
+
+    support = w > 1e-9
+    support = jnp.where(jnp.any(support), support, jax.nn.one_hot(jnp.argmax(w), k) > 0)
+    _, _, best, _ = jax.lax.while_loop(cond, body, (0, support, w, jnp.asarray(False)))
+    return best
+
+
 _BACKENDS: dict[str, Callable] = {
     "projected_gradient": _projected_gradient,
     "osqp": _osqp,
@@ -117,7 +192,9 @@ _BACKENDS: dict[str, Callable] = {
     "closed_form": _closed_form,
 }
 
-_DEFAULT_MAXITER = {"projected_gradient": 200, "osqp": 1000, "frank_wolfe": 200, "closed_form": 0}
+_ITERATIVE = ("projected_gradient", "osqp", "frank_wolfe")
+
+_DEFAULT_MAXITER = {"projected_gradient": 1000, "osqp": 1000, "frank_wolfe": 1000, "closed_form": 0}
 
 
 def min_norm_weights(
@@ -126,7 +203,8 @@ def min_norm_weights(
     method: str | Callable = "projected_gradient",
     init: Array | None = None,
     maxiter: int | None = None,
-    tol: float = 1e-7,
+    tol: float | None = None,
+    polish: bool | None = None,
 ) -> Array:
     """Minimum-norm convex combination weights ``argmin_{w in simplex} w^T U w``.
 
@@ -139,7 +217,16 @@ def min_norm_weights(
       init: optional warm start on the simplex, shape (K,) (used by
         ``"projected_gradient"``; others ignore it). Defaults to uniform.
       maxiter: iteration cap; a per-method default when ``None``.
-      tol: solver tolerance, relative to U's largest diagonal entry.
+      tol: solver tolerance, relative to U's largest diagonal entry; default
+        ``max(10 * eps, 1e-10)`` of U's dtype (about 1e-6 in float32), the
+        finest accuracy the dtype supports.
+      polish: refine the backend's answer (default: for the iterative built-in
+        backends only, not ``"closed_form"`` or a callable) by a short exact
+        active-set search
+        seeded with the support it found, kept only when it provably solves
+        the QP (the Lemma-1 optimality certificate holds to rounding). Makes
+        the iterative backends exact on small K, where the backend has come
+        close.
 
     Returns:
       Weights of shape (K,), non-negative, summing to one, in U's dtype.
@@ -165,6 +252,8 @@ def min_norm_weights(
         solve, name = _BACKENDS[method], method
     if maxiter is None:
         maxiter = _DEFAULT_MAXITER.get(name, 200)
+    if tol is None:
+        tol = max(10.0 * float(jnp.finfo(gram.dtype).eps), 1e-10)
     if init is None:
         init = jnp.full((k,), 1.0 / k, gram.dtype)
     else:
@@ -183,4 +272,8 @@ def min_norm_weights(
     # warm start, so the guarantee below never rests on the backend behaving.
     sane = jnp.all(jnp.isfinite(w)) & (jnp.max(jnp.abs(w)) < 1e3)
     w = projection_simplex(jnp.where(sane, w, init))
+    if polish is None:
+        polish = name in _ITERATIVE
+    if polish and k > 1:
+        w = _polish(scaled, w)
     return jnp.where(finite, w, jnp.full((k,), 1.0 / k, gram.dtype))

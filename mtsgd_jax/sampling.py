@@ -26,9 +26,13 @@ class Trace(NamedTuple):
     Attributes:
       step: (T,) number of steps taken when the snapshot was recorded.
       particles: particle pytree with leaves (T, M, ...).
-      weights: (T, K) MT-SGD weights of the step that led there (NaN if the
-        optimiser has no MT-SGD/SVGD stage).
-      ksd: (T, K) diag(U) at that step (NaN likewise).
+      weights: (T, K) MT-SGD weights held in the optimiser state at the
+        snapshot, i.e. those of the last step taken (at snapshot 0: the
+        state's initial weights, uniform for a fresh state). NaN if the
+        optimiser has no MT-SGD/SVGD stage.
+      ksd: (T, K) diag(U) of the last step taken, measured at the particles
+        that step started from (NaN at snapshot 0 of a fresh state, and NaN
+        without an MT-SGD/SVGD stage).
       log_prob: (T, K, M) log-densities of the targets at the recorded
         particles (before the step that follows).
     """
@@ -92,6 +96,19 @@ class _Progress:
         self.bar.close()
 
 
+def _check_updates(updates, particles):
+    ok = jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(particles) and all(
+        jnp.shape(u) == jnp.shape(p) for u, p in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(particles))
+    )
+    if not ok:
+        shapes = jax.tree_util.tree_map(jnp.shape, updates)
+        raise ValueError(
+            "optimizer.update must turn per-target loss gradients (leaves (K, M, ...)) into updates "
+            f"shaped like the particles (leaves (M, ...)); got updates with shapes {shapes}. Put a "
+            "multi-target stage such as mtsgd(K) or svgd() first in the optax chain."
+        )
+
+
 _BARS: dict[int, _Progress] = {}
 _BAR_IDS = itertools.count()
 
@@ -113,6 +130,7 @@ def _run(particles, opt_state, target, optimizer, num_steps, trace_every, progre
         x, s = carry
         _, grads = log_prob_value_and_loss_grads(target, x)
         updates, s = optimizer.update(grads, s, x)
+        _check_updates(updates, x)
         x = optax.apply_updates(x, updates)
         if progress_every:
             jax.lax.cond(

@@ -73,7 +73,7 @@ def stein_terms_flat(x: Array, scores: Array, kernel: _kernels.RadialKernel) -> 
     ks = jnp.matmul(km.k, s_stacked).reshape(m, k, d).transpose(1, 0, 2)
     # R_m = sum_a 2 kappa'_am (x_a - x_m) = 2 (dk @ x)_m - 2 (sum_a dk_am) x_m
     repulsion = 2.0 * (jnp.matmul(km.dk, x) - jnp.sum(km.dk, axis=1)[:, None] * x)
-    trace = jnp.sum(-2.0 * d * km.dk - 4.0 * km.r2 * km.d2k) / (m * m)
+    trace = km.trace_sum / (m * m)
     return SteinTerms(ks, repulsion, trace, km.bandwidth)
 
 
@@ -117,7 +117,7 @@ class SteinQuantities(NamedTuple):
 
 
 def _flatten_inputs(particles, scores):
-    check_target_grads(scores, particles, None, name="scores")
+    check_target_grads(scores, particles, None, name="scores", params_name="particles")
     x, spec = flatten_particles(particles)
     s = flatten_target_grads(scores, dtype=x.dtype)
     return x, s, spec

@@ -29,18 +29,19 @@ from mtsgd_jax.particles import flatten_particles, flatten_target_grads, unflatt
 PyTree = Any
 Array = jax.Array
 
-__all__ = ["MTSGDState", "SVGDState", "mtsgd", "svgd"]
+__all__ = ["MTSGDState", "SVGDState", "WEIGHTINGS", "mtsgd", "svgd"]
 
 
 class MTSGDState(NamedTuple):
     """State of :func:`mtsgd`.
 
     Attributes:
-      weights: (K,) simplex weights w* of the last step (uniform before the
-        first); also the warm start of the next QP.
+      weights: (K,) simplex weights applied to the K directions at the last
+        step (uniform before the first); they warm-start the next QP.
       ksd: (K,) diag(U) at the last step: the squared kernel Stein
-        discrepancy of the particles against each target (0 before the first).
-      bandwidth: () kernel bandwidth used at the last step.
+        discrepancy of the particles against each target (NaN before the
+        first step: nothing measured yet).
+      bandwidth: () kernel bandwidth used at the last step (NaN before the first).
       count: () int32 number of updates performed.
     """
 
@@ -54,8 +55,8 @@ class SVGDState(NamedTuple):
     """State of :func:`svgd`.
 
     Attributes:
-      ksd: () squared kernel Stein discrepancy at the last step.
-      bandwidth: () kernel bandwidth used at the last step.
+      ksd: () squared kernel Stein discrepancy at the last step (NaN before the first).
+      bandwidth: () kernel bandwidth used at the last step (NaN before the first).
       count: () int32 number of updates performed.
     """
 
@@ -70,13 +71,45 @@ def _float_dtype(params):
     return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
 
 
-def _stein_step(grads, params, kernel, solve, warm_start):
+WEIGHTINGS = ("stein", "normalized", "score")
+
+
+def _unit_norm_weights(gram, norms, solve, warm_start):
+    """Min-norm weights for the rescaled directions phi_k / norms_k, mapped back to raw directions.
+
+    Solves the QP on ``gram / (norms norms^T)`` and returns ``w_k / norms_k``
+    rescaled onto the simplex (a positive rescaling of the combined direction).
+    """
+    tiny = jnp.finfo(gram.dtype).tiny
+    init = None
+    if warm_start is not None:  # previous raw-direction weights -> QP variable
+        init = warm_start * norms
+        init = init / jnp.maximum(jnp.sum(init), tiny)
+    w = solve(gram / (norms[:, None] * norms[None, :]), init) / norms
+    return w / jnp.maximum(jnp.sum(w), tiny)
+
+
+def _safe_norms(sq):
+    floor = jnp.maximum(1e-12 * jnp.max(sq), jnp.finfo(sq.dtype).tiny)
+    return jnp.sqrt(jnp.maximum(sq, floor))
+
+
+def _stein_step(grads, params, kernel, solve, warm_start, weighting="stein"):
     """Shared core: flat Stein terms, U, weights and -phi* as a pytree."""
     x, spec = flatten_particles(params, dtype=_float_dtype(params))
     scores = -flatten_target_grads(grads, dtype=x.dtype)
     terms = _stein.stein_terms_flat(x, scores, kernel)
     gram = _stein.gram_from_terms(scores, terms)
-    weights = solve(gram, warm_start)
+    if weighting == "stein":
+        weights = solve(gram, warm_start)
+    elif weighting == "normalized":
+        weights = _unit_norm_weights(gram, _safe_norms(jnp.diagonal(gram)), solve, warm_start)
+    else:  # "score": first term of U only, each target's score matrix scaled to unit norm
+        m = x.shape[0]
+        first = jnp.einsum("kmd,lmd->kl", scores, terms.kernel_scores) / (m * m)
+        first = 0.5 * (first + first.T)
+        score_norms = _safe_norms(jnp.sum(scores * scores, axis=(1, 2)))
+        weights = _unit_norm_weights(first, score_norms, solve, warm_start)
     phi = _stein.combined_direction(terms, weights)
     updates = unflatten_particles(-phi, spec)
     return updates, weights, jnp.diagonal(gram), terms.bandwidth
@@ -84,9 +117,9 @@ def _stein_step(grads, params, kernel, solve, warm_start):
 
 def _make_solver(solver, solver_options):
     options = dict(solver_options or {})
-    unknown = set(options) - {"maxiter", "tol"}
+    unknown = set(options) - {"maxiter", "tol", "polish"}
     if unknown:
-        raise ValueError(f"solver_options accepts 'maxiter' and 'tol', got unexpected {sorted(unknown)}.")
+        raise ValueError(f"solver_options accepts 'maxiter', 'tol' and 'polish', got unexpected {sorted(unknown)}.")
     if not callable(solver) and solver not in _qp.SOLVERS:
         raise ValueError(f"solver must be one of {_qp.SOLVERS} or a callable, got {solver!r}.")
 
@@ -103,6 +136,7 @@ def mtsgd(
     solver: str | Callable = "projected_gradient",
     solver_options: dict | None = None,
     warm_start: bool = True,
+    weighting: str = "stein",
 ) -> optax.GradientTransformationExtraArgs:
     """MT-SGD: the Stein direction that decreases every target's KL at once.
 
@@ -115,8 +149,28 @@ def mtsgd(
       kernel: a :class:`~mtsgd_jax.kernels.RadialKernel`; default
         ``rbf("median")``.
       solver: QP backend for :func:`~mtsgd_jax.qp.min_norm_weights`.
-      solver_options: ``{"maxiter": int, "tol": float}`` for the solver.
+      solver_options: ``{"maxiter": int, "tol": float, "polish": bool}`` for
+        :func:`~mtsgd_jax.qp.min_norm_weights`.
       warm_start: start each QP from the previous step's weights.
+      weighting: how the K directions are weighted.
+
+        * ``"stein"`` (default): the paper's ``w* = argmin_{w in simplex} w^T U w``
+          with U the exact RKHS Gram matrix. Every target's KL decreases to
+          first order (Theorem 2).
+        * ``"normalized"``: the same QP for the unit-norm directions
+          ``phi_k / ||phi_k||_H`` (U rescaled to its correlation matrix, like
+          MGDA's gradient normalisation), the solution mapped back to the raw
+          directions. Keeps the guarantee (``<phi*, phi_k> >= ||phi_k|| ||phi*||^2``)
+          but no target dominates merely because its Stein discrepancy is
+          currently small.
+        * ``"score"``: what the paper's published toy script does: the QP on the
+          first term of U only, with each target's score matrix scaled to unit
+          Frobenius norm; the weights are applied to the exact directions. No
+          descent guarantee, offered to reproduce the paper's toy figure.
+
+        ``MTSGDState.weights`` always holds the simplex weights applied to the
+        raw directions ``phi_k``. The README compares the three on the toy
+        problem.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose
@@ -142,6 +196,8 @@ def mtsgd(
     """
     if not isinstance(num_targets, int) or num_targets < 1:
         raise ValueError(f"mtsgd: num_targets must be a positive int (K), got {num_targets!r}.")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"mtsgd: weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
     kernel = kernel or _kernels.rbf()
     solve = _make_solver(solver, solver_options)
 
@@ -150,8 +206,8 @@ def mtsgd(
         dtype = _float_dtype(params)
         return MTSGDState(
             weights=jnp.full((num_targets,), 1.0 / num_targets, dtype),
-            ksd=jnp.zeros((num_targets,), dtype),
-            bandwidth=jnp.zeros((), dtype),
+            ksd=jnp.full((num_targets,), jnp.nan, dtype),
+            bandwidth=jnp.full((), jnp.nan, dtype),
             count=jnp.zeros((), jnp.int32),
         )
 
@@ -159,7 +215,7 @@ def mtsgd(
         del extra_args
         check_target_grads(grads, params, num_targets)
         init = state.weights if warm_start else None
-        updates, weights, ksd, h = _stein_step(grads, params, kernel, solve, init)
+        updates, weights, ksd, h = _stein_step(grads, params, kernel, solve, init, weighting)
         new_state = MTSGDState(
             weights=weights.astype(state.weights.dtype),
             ksd=ksd.astype(state.ksd.dtype),
@@ -169,6 +225,14 @@ def mtsgd(
         return updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _has_unit_target_axis(grads, params) -> bool:
+    """True if every grads leaf is (1,) + the matching params leaf shape."""
+    if jax.tree_util.tree_structure(grads) != jax.tree_util.tree_structure(params):
+        return False
+    pairs = zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(params))
+    return all(jnp.shape(g) == (1,) + jnp.shape(p) for g, p in pairs)
 
 
 def svgd(kernel: _kernels.RadialKernel | None = None) -> optax.GradientTransformationExtraArgs:
@@ -181,7 +245,9 @@ def svgd(kernel: _kernels.RadialKernel | None = None) -> optax.GradientTransform
       An ``optax.GradientTransformationExtraArgs`` whose
       ``update(grads, state, params)`` takes the loss gradient
       ``-grad log p`` at every particle (a pytree shaped like ``params``, leaves
-      (M, ...)) and returns ``-phi``, the negative SVGD direction.
+      (M, ...); leaves (1, M, ...) with a target axis of length one, as
+      :func:`~mtsgd_jax.sampling.sample` passes them, are accepted too) and
+      returns ``-phi``, the negative SVGD direction.
 
     Example:
       >>> import jax, optax
@@ -199,12 +265,16 @@ def svgd(kernel: _kernels.RadialKernel | None = None) -> optax.GradientTransform
     def init_fn(params):
         num_particles(params, "params")
         dtype = _float_dtype(params)
-        return SVGDState(jnp.zeros((), dtype), jnp.zeros((), dtype), jnp.zeros((), jnp.int32))
+        nan = jnp.full((), jnp.nan, dtype)
+        return SVGDState(nan, nan, jnp.zeros((), jnp.int32))
 
     def update_fn(grads, state, params=None, **extra_args):
         del extra_args
-        check_like_params(grads, params)
-        stacked = jax.tree_util.tree_map(lambda g: jnp.expand_dims(g, 0), grads)
+        if params is not None and _has_unit_target_axis(grads, params):
+            stacked = grads
+        else:
+            check_like_params(grads, params)
+            stacked = jax.tree_util.tree_map(lambda g: jnp.expand_dims(g, 0), grads)
         updates, _, ksd, h = _stein_step(stacked, params, kernel, one_target, None)
         return updates, SVGDState(
             ksd[0].astype(state.ksd.dtype),
