@@ -215,10 +215,6 @@ _SCALED = "on badly scaled U (eigenvalues down to 1e-17 of the largest), after t
 EXPECTED_FAILURES: dict = {
     ("badly_scaled", "osqp", "float32"): "osqp " + _SCALED + "Lemma 1 holds (worst 2.5e-5) but objective excess 1.2e-5 (1/150)",
     ("badly_scaled", "osqp", "float64"): "osqp " + _SCALED + "Lemma 1 holds (worst 1.6e-5) but objective excess 1.2e-5 (1/150)",
-    ("badly_scaled", "projected_gradient", "float32"): "projected_gradient " + _SCALED
-    + "Lemma 1 holds (worst 6.6e-5) but objective excess up to 5.5e-5 (7/150)",
-    ("badly_scaled", "projected_gradient", "float64"): "projected_gradient " + _SCALED
-    + "Lemma 1 holds (worst 6.7e-5) but objective excess up to 5.5e-5 (11/150)",
 }
 
 
