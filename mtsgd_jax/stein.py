@@ -67,7 +67,7 @@ def stein_terms_flat(x: Array, scores: Array, kernel: _kernels.RadialKernel) -> 
     """Shared Stein products for particles ``x`` (M, d) and ``scores`` (K, M, d)."""
     m, d = x.shape
     km = _kernels.kernel_matrices(kernel, x)
-    k, mm, dd = scores.shape
+    k = scores.shape[0]
     # One GEMM for all targets: (M, M) @ (M, K*d).
     s_stacked = jnp.transpose(scores, (1, 0, 2)).reshape(m, k * d)
     ks = jnp.matmul(km.k, s_stacked).reshape(m, k, d).transpose(1, 0, 2)
@@ -77,10 +77,19 @@ def stein_terms_flat(x: Array, scores: Array, kernel: _kernels.RadialKernel) -> 
     return SteinTerms(ks, repulsion, trace, km.bandwidth)
 
 
-def gram_from_terms(scores: Array, terms: SteinTerms) -> Array:
-    """U (K, K) from ``scores`` (K, M, d) and :func:`stein_terms_flat` output."""
+def first_term(scores: Array, terms: SteinTerms) -> Array:
+    """G (K, K), the first term of U: ``G_kl = <S_k, Kmat S_l> / M^2``."""
     m = scores.shape[1]
-    g = jnp.einsum("kmd,lmd->kl", scores, terms.kernel_scores) / (m * m)
+    return jnp.einsum("kmd,lmd->kl", scores, terms.kernel_scores) / (m * m)
+
+
+def gram_from_terms(scores: Array, terms: SteinTerms, first: Array | None = None) -> Array:
+    """U (K, K) from ``scores`` (K, M, d) and :func:`stein_terms_flat` output.
+
+    ``first`` may pass a precomputed :func:`first_term`.
+    """
+    m = scores.shape[1]
+    g = first_term(scores, terms) if first is None else first
     c = jnp.einsum("kmd,md->k", scores, terms.repulsion) / (m * m)
     u = g + c[:, None] + c[None, :] + terms.trace_term
     return 0.5 * (u + u.T)

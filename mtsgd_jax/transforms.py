@@ -99,14 +99,13 @@ def _stein_step(grads, params, kernel, solve, warm_start, weighting="stein"):
     x, spec = flatten_particles(params, dtype=_float_dtype(params))
     scores = -flatten_target_grads(grads, dtype=x.dtype)
     terms = _stein.stein_terms_flat(x, scores, kernel)
-    gram = _stein.gram_from_terms(scores, terms)
+    first = _stein.first_term(scores, terms)
+    gram = _stein.gram_from_terms(scores, terms, first)
     if weighting == "stein":
         weights = solve(gram, warm_start)
     elif weighting == "normalized":
         weights = _unit_norm_weights(gram, _safe_norms(jnp.diagonal(gram)), solve, warm_start)
     else:  # "score": first term of U only, each target's score matrix scaled to unit norm
-        m = x.shape[0]
-        first = jnp.einsum("kmd,lmd->kl", scores, terms.kernel_scores) / (m * m)
         first = 0.5 * (first + first.T)
         score_norms = _safe_norms(jnp.sum(scores * scores, axis=(1, 2)))
         weights = _unit_norm_weights(first, score_norms, solve, warm_start)
