@@ -62,6 +62,12 @@ def osqp(u, init, maxiter: int, tol: float):
     """jaxopt's OSQP (ADMM) with constraints 1^T w = 1 and w >= 0."""
     jaxopt = _jaxopt()
     k = u.shape[0]
+    out_dtype = u.dtype
+    if jax.config.jax_enable_x64:
+        # jaxopt builds some of OSQP's matrices in the default float dtype; with x64 on,
+        # older jax refuses to mix them with a float32 U. The problem is K x K: solve it
+        # in float64 and cast back.
+        u = u.astype(jnp.float64)
     # The direct (LU) solve of OSQP's K x K linear systems is stable on the rank-deficient
     # U that MT-SGD meets; the default conjugate-gradient solve can diverge in float32.
     solver = jaxopt.OSQP(maxiter=maxiter, tol=tol, eq_qp_solve="lu", unroll=False)
@@ -71,4 +77,4 @@ def osqp(u, init, maxiter: int, tol: float):
         params_eq=(ones, jnp.ones(1, u.dtype)),
         params_ineq=(-jnp.eye(k, dtype=u.dtype), jnp.zeros(k, u.dtype)),
     )
-    return sol.params.primal
+    return sol.params.primal.astype(out_dtype)

@@ -300,7 +300,7 @@ def _run_manual(ref_update, opt_state, n=5, x=X12, extra=()):
 def test_chain_clip_mtsgd_adam_under_jit():
     mt, adam = OPT2, optax.adam(1e-2)  # default QP solver inside the jitted chain
     xs, s, _ = _run_jitted(optax.chain(optax.clip_by_global_norm(1.0), mt, adam))
-    assert float(optax.tree.norm(G12)) > 2.0  # clipping is active
+    assert float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree_util.tree_leaves(G12)))) > 2.0  # clipping is active
 
     def ref_update(g, st, x, t, max_norm):
         # clip by hand, then MT-SGD, then Adam, composed by hand
