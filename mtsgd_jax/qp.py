@@ -4,9 +4,10 @@ MT-SGD solves ONE such (K, K) problem per step; MOO-SVGD and MGDA solve one per
 particle (vmap :func:`min_norm_weights`). Backends:
 
 ``"projected_gradient"`` (default)
-    projected gradient with a fixed step and Euclidean projection onto the
-    simplex (jaxopt ``ProjectedGradient`` + ``projection_simplex``), stopped on
-    the fixed-point residual.
+    accelerated projected gradient (FISTA) with Euclidean projection onto the
+    simplex (jaxopt ``ProjectedGradient`` + ``projection_simplex``); its
+    occasional early stop on a non-optimal vertex is repaired by the polish
+    below.
 ``"osqp"``
     jaxopt's OSQP.
 ``"frank_wolfe"``
@@ -162,16 +163,16 @@ def _polish(u, w):
 
     def body(carry):
         it, support, best, _ = carry
-        cand = _kkt_candidate(u, support)
-        finite = jnp.all(jnp.isfinite(cand))
-        feasible = finite & jnp.all(cand >= -eps)
-        cand = projection_simplex(jnp.where(feasible, cand, best))
+        raw = _kkt_candidate(u, support)
+        finite = jnp.all(jnp.isfinite(raw))
+        feasible = finite & jnp.all(raw >= -eps)
+        cand = projection_simplex(jnp.where(feasible, raw, best))
         ucand = u @ cand
         certified = feasible & (cand @ ucand - jnp.min(ucand) <= eps)
         # Infeasible: drop the most negative weight (or, if the system was singular, the
         # smallest weight of the seed) -- never the last index. Feasible: add the most
         # violating index.
-        score = jnp.where(support, jnp.where(finite, cand, w), jnp.inf)
+        score = jnp.where(support, jnp.where(finite, raw, w), jnp.inf)
         can_drop = jnp.sum(support) > 1
         dropped = support.at[jnp.argmin(score)].set(False)
         added = support.at[jnp.argmin(ucand)].set(True)
