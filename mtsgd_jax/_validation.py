@@ -38,15 +38,28 @@ def num_particles(particles: PyTree, name: str = "particles") -> int:
     return int(m)
 
 
-def check_target_grads(
-    grads: PyTree, params: PyTree, num_targets: int | None, name: str = "grads", params_name: str = "params"
-) -> int:
-    """Check that ``grads`` has leaves (K, M, ...) matching ``params`` leaves (M, ...). Returns K."""
+def require_params(params: PyTree) -> None:
+    """The Stein transformations need the particles: a clear error when ``params`` is missing."""
     if params is None:
         raise ValueError(
             "params is required: call update(grads, state, params) with the particles "
             "(leaves of shape (M, ...)); the Stein direction depends on where the particles are."
         )
+
+
+def tree_shapes_match(tree: PyTree, ref: PyTree, prefix: tuple = ()) -> bool:
+    """True if ``tree`` has ``ref``'s structure and every leaf shape is ``prefix + ref leaf shape``."""
+    if jax.tree_util.tree_structure(tree) != jax.tree_util.tree_structure(ref):
+        return False
+    pairs = zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(ref))
+    return all(tuple(np.shape(t)) == tuple(prefix) + tuple(np.shape(r)) for t, r in pairs)
+
+
+def check_target_grads(
+    grads: PyTree, params: PyTree, num_targets: int | None, name: str = "grads", params_name: str = "params"
+) -> int:
+    """Check that ``grads`` has leaves (K, M, ...) matching ``params`` leaves (M, ...). Returns K."""
+    require_params(params)
     m = num_particles(params, params_name)
     p_def = jax.tree_util.tree_structure(params)
     g_def = jax.tree_util.tree_structure(grads)
@@ -85,9 +98,10 @@ def check_target_grads(
 
 def check_like_params(grads: PyTree, params: PyTree, name: str = "grads") -> None:
     """Check that ``grads`` has exactly the structure and leaf shapes of ``params`` (M, ...)."""
-    if params is None:
-        raise ValueError("params is required: call update(grads, state, params) with the particles (leaves (M, ...)).")
+    require_params(params)
     num_particles(params, "params")
+    if tree_shapes_match(grads, params):
+        return
     if jax.tree_util.tree_structure(grads) != jax.tree_util.tree_structure(params):
         raise ValueError(f"{name} must have the same pytree structure as params.")
     for (path, g), (_, p) in zip(leaf_paths(grads), leaf_paths(params)):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtsgd_jax._validation import num_particles
+from mtsgd_jax._validation import num_particles, tree_shapes_match
 from mtsgd_jax.targets import TargetFns, log_prob_value_and_loss_grads, stack_targets
 from mtsgd_jax.transforms import MTSGDState, SVGDState
 
@@ -97,10 +97,7 @@ class _Progress:
 
 
 def _check_updates(updates, particles):
-    ok = jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(particles) and all(
-        jnp.shape(u) == jnp.shape(p) for u, p in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(particles))
-    )
-    if not ok:
+    if not tree_shapes_match(updates, particles):
         shapes = jax.tree_util.tree_map(jnp.shape, updates)
         raise ValueError(
             "optimizer.update must turn per-target loss gradients (leaves (K, M, ...)) into updates "

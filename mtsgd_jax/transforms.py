@@ -23,7 +23,7 @@ import optax
 from mtsgd_jax import kernels as _kernels
 from mtsgd_jax import qp as _qp
 from mtsgd_jax import stein as _stein
-from mtsgd_jax._validation import check_like_params, check_target_grads, num_particles
+from mtsgd_jax._validation import check_like_params, check_target_grads, num_particles, tree_shapes_match
 from mtsgd_jax.particles import flatten_particles, flatten_target_grads, unflatten_particles
 
 PyTree = Any
@@ -226,14 +226,6 @@ def mtsgd(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _has_unit_target_axis(grads, params) -> bool:
-    """True if every grads leaf is (1,) + the matching params leaf shape."""
-    if jax.tree_util.tree_structure(grads) != jax.tree_util.tree_structure(params):
-        return False
-    pairs = zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(params))
-    return all(jnp.shape(g) == (1,) + jnp.shape(p) for g, p in pairs)
-
-
 def svgd(kernel: _kernels.RadialKernel | None = None) -> optax.GradientTransformationExtraArgs:
     """Stein variational gradient descent (Liu & Wang, 2016): MT-SGD with K = 1.
 
@@ -269,7 +261,7 @@ def svgd(kernel: _kernels.RadialKernel | None = None) -> optax.GradientTransform
 
     def update_fn(grads, state, params=None, **extra_args):
         del extra_args
-        if params is not None and _has_unit_target_axis(grads, params):
+        if params is not None and tree_shapes_match(grads, params, prefix=(1,)):
             stacked = grads
         else:
             check_like_params(grads, params)
