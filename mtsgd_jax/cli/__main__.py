@@ -1,0 +1,5 @@
+import sys
+
+from mtsgd_jax.cli import main
+
+sys.exit(main())
