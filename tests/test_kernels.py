@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis.extra.numpy import arrays
 
-from mtsgd_jax import imq, kernel_matrices, kernels, median_bandwidth, pairwise_sq_dists, radial_kernel, rbf
+from mtsgd_jax import imq, kernel_matrices, kernel_products, kernels, median_bandwidth, pairwise_sq_dists, radial_kernel, rbf
 
 U_GRID = np.array([0.0, 1e-6, 1e-3, 0.1, 0.5, 1.0, 2.5, 7.0, 30.0])
 
@@ -397,3 +397,58 @@ def test_trace_term_stays_finite_for_tiny_bandwidths(dtype, spread):
     u = np.asarray(km.r2, np.float64) / float(km.bandwidth)
     expected = np.sum(-2 * d * (-np.exp(-u)) - 4 * u * np.exp(-u)) / float(km.bandwidth)
     np.testing.assert_allclose(float(km.trace_sum), expected, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# kernel_products: blocked == unblocked
+# ---------------------------------------------------------------------------
+
+_products = jax.jit(kernel_products, static_argnums=0, static_argnames="block_size")
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float64, 1e-11), (jnp.float32, 2e-5)])
+@pytest.mark.parametrize("m,block", [(2, 1), (7, 3), (33, 8), (64, 64), (50, 200), (101, 16)])
+@pytest.mark.parametrize("kernel_name", ["rbf_median", "imq_median", "rbf_fixed"])
+def test_kernel_products_blocked_equals_unblocked(dtype, tol, m, block, kernel_name):
+    kernel = {"rbf_median": rbf(), "imq_median": imq(), "rbf_fixed": rbf(0.7)}[kernel_name]
+    z = jax.random.normal(jax.random.key(m), (m, 3), dtype)
+    v = jax.random.normal(jax.random.key(m + 1), (m, 5), dtype)
+    full = _products(kernel, z, v)
+    blocked = _products(kernel, z, v, block_size=block)
+    for a, b in zip(full, blocked):
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=tol, atol=tol)
+
+
+def test_kernel_products_matches_kernel_matrices():
+    z = jax.random.normal(jax.random.key(0), (20, 2))
+    v = jax.random.normal(jax.random.key(1), (20, 4))
+    km = _kernel_matrices(rbf(), z)
+    p = _products(rbf(), z, v)
+    np.testing.assert_allclose(np.asarray(p.kv), np.asarray(km.k @ v), rtol=1e-12)
+    rep = np.einsum("am,amd->md", 2 * np.asarray(km.dk), np.asarray(z)[:, None] - np.asarray(z)[None])
+    np.testing.assert_allclose(np.asarray(p.repulsion), rep, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("m", [4, 5, 30, 31])
+def test_blocked_median_with_ties_and_duplicates(m):
+    """Even and odd pair counts, repeated distances and coincident particles."""
+    rng = np.random.default_rng(m)
+    x = rng.integers(0, 3, size=(m, 2)).astype(np.float64)  # many exact ties, some coincident points
+    z = jnp.asarray(x)
+    full = _products(rbf(), z, z)
+    for block in (1, 3, 7):
+        np.testing.assert_allclose(float(_products(rbf(), z, z, block_size=block).bandwidth), float(full.bandwidth), rtol=1e-15)
+    np.testing.assert_allclose(float(full.bandwidth), _numpy_median_bandwidth(x), rtol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "8"])
+def test_kernel_products_bad_block_size(bad):
+    z = jnp.zeros((4, 2))
+    with pytest.raises(ValueError, match="block_size"):
+        kernel_products(rbf(), z, z, block_size=bad)
+
+
+def test_kernel_products_shape_errors():
+    with pytest.raises(ValueError, match=r"z \(M, p\) and vectors \(M, n\)"):
+        kernel_products(rbf(), jnp.zeros((4, 2)), jnp.zeros((5, 2)))
