@@ -23,7 +23,7 @@ from hypothesis.extra.numpy import arrays
 
 from mtsgd_jax import SOLVERS, min_norm_weights, projection_simplex
 
-ITERATIVE = tuple(m for m in SOLVERS if m != "closed_form")
+ITERATIVE = tuple(m for m in SOLVERS if m != "closed_form")  # every backend that takes any K (enumerate: K <= 12)
 DTYPES = [np.float32, np.float64]
 
 # Lemma 1 and objective tolerances, relative to max diag(U). The solvers' documented ``tol``
@@ -35,7 +35,7 @@ OBJECTIVE_TOL = 1e-5
 
 
 def test_solvers_tuple():
-    assert set(SOLVERS) == {"projected_gradient", "osqp", "frank_wolfe", "closed_form"}
+    assert set(SOLVERS) == {"projected_gradient", "osqp", "frank_wolfe", "closed_form", "enumerate"}
 
 
 # ============================================================================ helpers
@@ -465,6 +465,21 @@ def test_unknown_method():
 def test_closed_form_needs_k_le_2():
     with pytest.raises(ValueError, match="K <= 2"):
         min_norm_weights(np.eye(3), method="closed_form")
+
+
+def test_enumerate_needs_k_le_12():
+    with pytest.raises(ValueError, match="K <= 12"):
+        min_norm_weights(np.eye(13), method="enumerate")
+
+
+def test_enumerate_vmapped_matches_reference():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(64, 4, 3))
+    us = np.einsum("bkr,blr->bkl", a, a)
+    w = np.asarray(jax.jit(jax.vmap(partial(min_norm_weights, method="enumerate")))(us))
+    for i in range(64):
+        best, _ = exact_min_norm(us[i])
+        np.testing.assert_allclose(w[i] @ us[i] @ w[i], best, rtol=1e-10, atol=1e-12)
 
 
 # ============================================================================ simplex projection
