@@ -63,18 +63,21 @@ class SteinTerms(NamedTuple):
     bandwidth: Array
 
 
-def stein_terms_flat(x: Array, scores: Array, kernel: _kernels.RadialKernel) -> SteinTerms:
-    """Shared Stein products for particles ``x`` (M, d) and ``scores`` (K, M, d)."""
+def stein_terms_flat(
+    x: Array, scores: Array, kernel: _kernels.RadialKernel, *, block_size: int | None = None
+) -> SteinTerms:
+    """Shared Stein products for particles ``x`` (M, d) and ``scores`` (K, M, d).
+
+    ``block_size`` processes the (M, M) kernel interactions B rows at a time
+    (see :func:`~mtsgd_jax.kernels.kernel_products`); ``None`` does them at once.
+    """
     m, d = x.shape
-    km = _kernels.kernel_matrices(kernel, x)
     k = scores.shape[0]
     # One GEMM for all targets: (M, M) @ (M, K*d).
     s_stacked = jnp.transpose(scores, (1, 0, 2)).reshape(m, k * d)
-    ks = jnp.matmul(km.k, s_stacked).reshape(m, k, d).transpose(1, 0, 2)
-    # R_m = sum_a 2 kappa'_am (x_a - x_m) = 2 (dk @ x)_m - 2 (sum_a dk_am) x_m
-    repulsion = 2.0 * (jnp.matmul(km.dk, x) - jnp.sum(km.dk, axis=1)[:, None] * x)
-    trace = km.trace_sum / (m * m)
-    return SteinTerms(ks, repulsion, trace, km.bandwidth)
+    prods = _kernels.kernel_products(kernel, x, s_stacked, block_size=block_size)
+    ks = prods.kv.reshape(m, k, d).transpose(1, 0, 2)
+    return SteinTerms(ks, prods.repulsion, prods.trace_sum / (m * m), prods.bandwidth)
 
 
 def first_term(scores: Array, terms: SteinTerms) -> Array:
@@ -108,6 +111,57 @@ def combined_direction(terms: SteinTerms, weights: Array) -> Array:
     return (mixed + terms.repulsion * jnp.sum(weights).astype(mixed.dtype)) / m
 
 
+class GramTerms(NamedTuple):
+    """U's ingredients computed from inner products only (the small-M, large-d path).
+
+    For vectors ``V`` (K, M, d) (the scores, or the loss gradients = -scores):
+
+    Attributes:
+      first: ``<V_k, Kmat V_l> / M^2``, (K, K) (the same for V and -V).
+      cross: ``<V_k, R> / M^2``, (K,) (changes sign with V).
+      sq_norms: ``||V_k||_F^2``, (K,).
+      trace_term: ``t`` of U's decomposition (already divided by M^2).
+      kernel: the :class:`~mtsgd_jax.kernels.KernelMatrices` on the particles.
+    """
+
+    first: Array
+    cross: Array
+    sq_norms: Array
+    trace_term: Array
+    kernel: _kernels.KernelMatrices
+
+
+def gram_terms_flat(x: Array, vectors: Array, kernel: _kernels.RadialKernel) -> GramTerms:
+    """U's ingredients without forming ``Kmat @ V``: two GEMMs over ``V``'s (K M, d) rows.
+
+    ``Kmat @ S_k`` costs K M^2 d and writes K M d numbers; when d is much larger
+    than K M (particles that are networks) it is cheaper to take the inner
+    products ``V V^T`` (K M, K M) and ``V x^T`` (K M, M) once and contract them
+    with the (M, M) kernel matrices: every big array is read once and nothing
+    of size K M d is written. The combined direction then needs only
+    ``Kmat @ (sum_k w_k V_k)`` (see :func:`direction_from_weighted`).
+    """
+    m, d = x.shape
+    k = vectors.shape[0]
+    km = _kernels.kernel_matrices(kernel, x)
+    flat = vectors.reshape(k * m, d)
+    vv = jnp.matmul(flat, flat.T).reshape(k, m, k, m)
+    vx = jnp.matmul(flat, x.T).reshape(k, m, m)  # [k, m, a] = V_km . x_a
+    first = jnp.einsum("ab,kalb->kl", km.k.astype(vv.dtype), vv) / (m * m)
+    # <V_k, R> with R_m = 2 sum_a kappa'_am (x_a - x_m)
+    own = jnp.einsum("kmm->km", vx)
+    cross = 2.0 * (jnp.einsum("kma,am->k", vx, km.dk) - jnp.einsum("km,m->k", own, jnp.sum(km.dk, axis=0))) / (m * m)
+    sq = jnp.einsum("kmkm->k", vv)
+    return GramTerms(first, cross, sq, km.trace_sum / (m * m), km)
+
+
+def direction_from_weighted(x: Array, weighted: Array, weight_sum: Array, km: _kernels.KernelMatrices) -> Array:
+    """``(Kmat @ weighted + weight_sum * R) / M`` (M, d): ``sum_k w_k Phi_k`` when ``weighted = sum_k w_k S_k``."""
+    m = x.shape[0]
+    rep = 2.0 * (jnp.matmul(km.dk, x) - jnp.sum(km.dk, axis=1)[:, None] * x)
+    return (jnp.matmul(km.k.astype(weighted.dtype), weighted) + weight_sum * rep) / m
+
+
 class SteinQuantities(NamedTuple):
     """Stein quantities of a particle set against K targets.
 
@@ -132,7 +186,8 @@ def _flatten_inputs(particles, scores):
     return x, s, spec
 
 
-def stein_quantities(particles: PyTree, scores: PyTree, kernel: _kernels.RadialKernel | None = None) -> SteinQuantities:
+def stein_quantities(particles: PyTree, scores: PyTree, kernel: _kernels.RadialKernel | None = None, *, block_size: int | None = None
+) -> SteinQuantities:
     """Per-target Stein directions, U and the per-target KSD in one pass.
 
     Args:
@@ -141,6 +196,8 @@ def stein_quantities(particles: PyTree, scores: PyTree, kernel: _kernels.RadialK
         ``grad log p_k`` at every particle (the NEGATIVE loss gradient).
       kernel: a :class:`~mtsgd_jax.kernels.RadialKernel`; default RBF with the
         median heuristic.
+      block_size: process the (M, M) kernel interactions this many rows at a
+        time (bounded memory for large M); ``None`` (default) all at once.
 
     Returns:
       :class:`SteinQuantities`.
@@ -156,32 +213,35 @@ def stein_quantities(particles: PyTree, scores: PyTree, kernel: _kernels.RadialK
     """
     kernel = kernel or _kernels.rbf()
     x, s, spec = _flatten_inputs(particles, scores)
-    terms = stein_terms_flat(x, s, kernel)
+    terms = stein_terms_flat(x, s, kernel, block_size=block_size)
     u = gram_from_terms(s, terms)
     phi = unflatten_particles(directions_from_terms(terms), spec)
     return SteinQuantities(phi, u, jnp.diagonal(u), terms.bandwidth)
 
 
-def stein_directions(particles: PyTree, scores: PyTree, kernel: _kernels.RadialKernel | None = None) -> PyTree:
+def stein_directions(particles: PyTree, scores: PyTree, kernel: _kernels.RadialKernel | None = None, *, block_size: int | None = None
+) -> PyTree:
     """Per-target SVGD directions Phi_k at the particles: leaves (K, M, ...).
 
     See :func:`stein_quantities` for the arguments.
     """
     kernel = kernel or _kernels.rbf()
     x, s, spec = _flatten_inputs(particles, scores)
-    return unflatten_particles(directions_from_terms(stein_terms_flat(x, s, kernel)), spec)
+    return unflatten_particles(directions_from_terms(stein_terms_flat(x, s, kernel, block_size=block_size)), spec)
 
 
-def gram_matrix(particles: PyTree, scores: PyTree, kernel: _kernels.RadialKernel | None = None) -> Array:
+def gram_matrix(particles: PyTree, scores: PyTree, kernel: _kernels.RadialKernel | None = None, *, block_size: int | None = None
+) -> Array:
     """U with ``U_kl = <phi_k, phi_l>`` in the kernel's RKHS, shape (K, K).
 
     See :func:`stein_quantities` for the arguments.
     """
     kernel = kernel or _kernels.rbf()
     x, s, _ = _flatten_inputs(particles, scores)
-    return gram_from_terms(s, stein_terms_flat(x, s, kernel))
+    return gram_from_terms(s, stein_terms_flat(x, s, kernel, block_size=block_size))
 
 
-def kernel_stein_discrepancy(particles: PyTree, scores: PyTree, kernel: _kernels.RadialKernel | None = None) -> Array:
+def kernel_stein_discrepancy(particles: PyTree, scores: PyTree, kernel: _kernels.RadialKernel | None = None, *, block_size: int | None = None
+) -> Array:
     """Squared KSD (V-statistic) of the particles against each target: diag(U), (K,)."""
     return jnp.diagonal(gram_matrix(particles, scores, kernel))

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import optax
 
 from mtsgd_jax import kernels as _kernels
-from mtsgd_jax import qp as _qp
 from mtsgd_jax import stein as _stein
+from mtsgd_jax.transforms._common import _check_num_targets, _float_dtype, _make_solver, _safe_norms
 from mtsgd_jax._validation import check_like_params, check_target_grads, num_particles, tree_shapes_match
 from mtsgd_jax.particles import flatten_particles, flatten_target_grads, unflatten_particles
 
@@ -65,12 +65,6 @@ class SVGDState(NamedTuple):
     count: Array
 
 
-def _float_dtype(params):
-    leaves = jax.tree_util.tree_leaves(params)
-    dtype = jnp.result_type(*leaves) if leaves else jnp.float32
-    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
-
-
 WEIGHTINGS = ("stein", "normalized", "score")
 
 
@@ -89,53 +83,54 @@ def _unit_norm_weights(gram, norms, solve, warm_start):
     return w / jnp.maximum(jnp.sum(w), tiny)
 
 
-def _safe_norms(sq):
-    floor = jnp.maximum(1e-12 * jnp.max(sq), jnp.finfo(sq.dtype).tiny)
-    return jnp.sqrt(jnp.maximum(sq, floor))
+def _use_gram_path(k, m, d, block_size):
+    """Inner-product path when the particles are much longer than K M (networks), unblocked only."""
+    return block_size is None and 4 * (k + 1) * m <= d
 
 
-def _stein_step(grads, params, kernel, solve, warm_start, weighting="stein"):
-    """Shared core: flat Stein terms, U, weights and -phi* as a pytree."""
+def _weights(weighting, gram, first, score_sq, solve, warm_start):
+    if weighting == "stein":
+        return solve(gram, warm_start)
+    if weighting == "normalized":
+        return _unit_norm_weights(gram, _safe_norms(jnp.diagonal(gram)), solve, warm_start)
+    # "score": first term of U only, each target's score matrix scaled to unit norm
+    return _unit_norm_weights(0.5 * (first + first.T), _safe_norms(score_sq), solve, warm_start)
+
+
+def _stein_step(grads, params, kernel, solve, warm_start, weighting="stein", block_size=None):
+    """Shared core: U, weights and -phi* as a pytree (two exact paths, chosen by shape)."""
     x, spec = flatten_particles(params, dtype=_float_dtype(params))
-    scores = -flatten_target_grads(grads, dtype=x.dtype)
-    terms = _stein.stein_terms_flat(x, scores, kernel)
+    g = flatten_target_grads(grads, dtype=x.dtype)  # loss gradients = -scores
+    k, m, d = g.shape
+    if _use_gram_path(k, m, d, block_size):
+        gt = _stein.gram_terms_flat(x, g, kernel)
+        c = -gt.cross  # cross term of the scores
+        gram = gt.first + c[:, None] + c[None, :] + gt.trace_term
+        gram = 0.5 * (gram + gram.T)
+        weights = _weights(weighting, gram, gt.first, gt.sq_norms, solve, warm_start)
+        w = weights.astype(x.dtype)
+        # -phi* = -(Kmat sum_k w_k S_k + sum(w) R) / M with S = -g
+        neg_phi = -_stein.direction_from_weighted(x, -jnp.einsum("k,kmd->md", w, g), jnp.sum(w), gt.kernel)
+        return unflatten_particles(neg_phi, spec), weights, jnp.diagonal(gram), gt.kernel.bandwidth
+    scores = -g
+    terms = _stein.stein_terms_flat(x, scores, kernel, block_size=block_size)
     first = _stein.first_term(scores, terms)
     gram = _stein.gram_from_terms(scores, terms, first)
-    if weighting == "stein":
-        weights = solve(gram, warm_start)
-    elif weighting == "normalized":
-        weights = _unit_norm_weights(gram, _safe_norms(jnp.diagonal(gram)), solve, warm_start)
-    else:  # "score": first term of U only, each target's score matrix scaled to unit norm
-        first = 0.5 * (first + first.T)
-        score_norms = _safe_norms(jnp.sum(scores * scores, axis=(1, 2)))
-        weights = _unit_norm_weights(first, score_norms, solve, warm_start)
+    score_sq = jnp.sum(scores * scores, axis=(1, 2)) if weighting == "score" else None
+    weights = _weights(weighting, gram, first, score_sq, solve, warm_start)
     phi = _stein.combined_direction(terms, weights)
-    updates = unflatten_particles(-phi, spec)
-    return updates, weights, jnp.diagonal(gram), terms.bandwidth
-
-
-def _make_solver(solver, solver_options):
-    options = dict(solver_options or {})
-    unknown = set(options) - {"maxiter", "tol", "polish"}
-    if unknown:
-        raise ValueError(f"solver_options accepts 'maxiter', 'tol' and 'polish', got unexpected {sorted(unknown)}.")
-    if not callable(solver) and solver not in _qp.SOLVERS:
-        raise ValueError(f"solver must be one of {_qp.SOLVERS} or a callable, got {solver!r}.")
-
-    def solve(gram, init):
-        return _qp.min_norm_weights(gram, method=solver, init=init, **options)
-
-    return solve
+    return unflatten_particles(-phi, spec), weights, jnp.diagonal(gram), terms.bandwidth
 
 
 def mtsgd(
     num_targets: int,
     kernel: _kernels.RadialKernel | None = None,
     *,
-    solver: str | Callable = "projected_gradient",
+    solver: str | Callable = "auto",
     solver_options: dict | None = None,
     warm_start: bool = True,
     weighting: str = "stein",
+    block_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """MT-SGD: the Stein direction that decreases every target's KL at once.
 
@@ -147,7 +142,9 @@ def mtsgd(
       num_targets: K, the number of targets (the size of the grads' axis 0).
       kernel: a :class:`~mtsgd_jax.kernels.RadialKernel`; default
         ``rbf("median")``.
-      solver: QP backend for :func:`~mtsgd_jax.qp.min_norm_weights`.
+      solver: QP backend for :func:`~mtsgd_jax.qp.min_norm_weights`; ``"auto"``
+        (default) is exact: ``"closed_form"`` for K <= 2, ``"enumerate"`` for
+        3 <= K <= 6; ``"projected_gradient"`` for K >= 7.
       solver_options: ``{"maxiter": int, "tol": float, "polish": bool}`` for
         :func:`~mtsgd_jax.qp.min_norm_weights`.
       warm_start: start each QP from the previous step's weights.
@@ -170,6 +167,10 @@ def mtsgd(
         ``MTSGDState.weights`` always holds the simplex weights applied to the
         raw directions ``phi_k``. The README compares the three on the toy
         problem.
+      block_size: process the (M, M) kernel interactions this many rows at a
+        time, so memory is O(block_size * M) instead of O(M^2) (see
+        :func:`~mtsgd_jax.kernels.kernel_products`); ``None`` (default) does
+        them at once, which is fastest while the matrices fit in memory.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose
@@ -193,12 +194,12 @@ def mtsgd(
       >>> updates, state = opt.update(grads, state, x)
       >>> x = optax.apply_updates(x, updates)
     """
-    if not isinstance(num_targets, int) or num_targets < 1:
-        raise ValueError(f"mtsgd: num_targets must be a positive int (K), got {num_targets!r}.")
+    _check_num_targets("mtsgd", num_targets)
     if weighting not in WEIGHTINGS:
         raise ValueError(f"mtsgd: weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
     kernel = kernel or _kernels.rbf()
-    solve = _make_solver(solver, solver_options)
+    solve = _make_solver(solver, solver_options, num_targets)
+    block_size = _kernels._check_block_size(block_size)
 
     def init_fn(params):
         num_particles(params, "params")
@@ -214,7 +215,7 @@ def mtsgd(
         del extra_args
         check_target_grads(grads, params, num_targets)
         init = state.weights if warm_start else None
-        updates, weights, ksd, h = _stein_step(grads, params, kernel, solve, init, weighting)
+        updates, weights, ksd, h = _stein_step(grads, params, kernel, solve, init, weighting, block_size)
         new_state = MTSGDState(
             weights=weights.astype(state.weights.dtype),
             ksd=ksd.astype(state.ksd.dtype),
@@ -226,11 +227,14 @@ def mtsgd(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def svgd(kernel: _kernels.RadialKernel | None = None) -> optax.GradientTransformationExtraArgs:
+def svgd(
+    kernel: _kernels.RadialKernel | None = None, *, block_size: int | None = None
+) -> optax.GradientTransformationExtraArgs:
     """Stein variational gradient descent (Liu & Wang, 2016): MT-SGD with K = 1.
 
     Args:
       kernel: a :class:`~mtsgd_jax.kernels.RadialKernel`; default ``rbf("median")``.
+      block_size: row-block size for the kernel interactions (see :func:`mtsgd`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose
@@ -249,6 +253,7 @@ def svgd(kernel: _kernels.RadialKernel | None = None) -> optax.GradientTransform
       >>> updates, state = opt.update(x, state, x)   # target N(0, I): grad = x
     """
     kernel = kernel or _kernels.rbf()
+    block_size = _kernels._check_block_size(block_size)
 
     def one_target(gram, init):
         return jnp.ones((1,), gram.dtype)
@@ -266,7 +271,7 @@ def svgd(kernel: _kernels.RadialKernel | None = None) -> optax.GradientTransform
         else:
             check_like_params(grads, params)
             stacked = jax.tree_util.tree_map(lambda g: jnp.expand_dims(g, 0), grads)
-        updates, _, ksd, h = _stein_step(stacked, params, kernel, one_target, None)
+        updates, _, ksd, h = _stein_step(stacked, params, kernel, one_target, None, block_size=block_size)
         return updates, SVGDState(
             ksd[0].astype(state.ksd.dtype),
             h.astype(state.bandwidth.dtype),
