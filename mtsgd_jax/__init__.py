@@ -4,14 +4,19 @@ MT-SGD moves M particles so that they sample from K unnormalised target
 densities at once: per step it forms one Stein direction per target, their RKHS
 Gram matrix U (K, K), solves ONE simplex QP for the weights and applies the
 weighted direction to every particle. The library exposes it as an optax
-transformation (:func:`mtsgd`), with SVGD (:func:`svgd`) as the K = 1 case.
+transformation (:func:`mtsgd`), with SVGD (:func:`svgd`) as the K = 1 case and
+the multi-objective baselines MOO-SVGD (:func:`moo_svgd`), MGDA (:func:`mgda`)
+and linear scalarisation (:func:`linear_scalarization`) behind the same
+interface.
 """
 
 from mtsgd_jax.kernels import (
     KernelMatrices,
+    KernelProducts,
     RadialKernel,
     imq,
     kernel_matrices,
+    kernel_products,
     median_bandwidth,
     pairwise_sq_dists,
     radial_kernel,
@@ -42,12 +47,27 @@ from mtsgd_jax.targets import (
     stack_targets,
     value_and_grads,
 )
-from mtsgd_jax.transforms import WEIGHTINGS, MTSGDState, SVGDState, mtsgd, svgd
+from mtsgd_jax.transforms import (
+    WEIGHTINGS,
+    MGDAState,
+    MOOSVGDState,
+    MTSGDState,
+    SVGDState,
+    linear_scalarization,
+    mgda,
+    moo_svgd,
+    mtsgd,
+    preference_vectors,
+    svgd,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KernelMatrices",
+    "KernelProducts",
+    "MGDAState",
+    "MOOSVGDState",
     "MTSGDState",
     "ParticleSpec",
     "RadialKernel",
@@ -66,14 +86,19 @@ __all__ = [
     "init_flax_particles",
     "init_particles",
     "kernel_matrices",
+    "kernel_products",
     "kernel_stein_discrepancy",
+    "linear_scalarization",
     "log_prob_value_and_loss_grads",
     "loss_value_and_grads",
     "median_bandwidth",
+    "mgda",
     "min_norm_weights",
+    "moo_svgd",
     "mtsgd",
     "num_particles",
     "pairwise_sq_dists",
+    "preference_vectors",
     "projection_simplex",
     "radial_kernel",
     "rbf",

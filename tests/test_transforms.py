@@ -5,6 +5,8 @@ the problems below share a few array shapes and transformation objects, and
 their jitted ``update`` functions are cached (``_jit_update``).
 """
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -567,11 +569,11 @@ def test_solver_options_accepted(options):
 def test_solver_options_take_effect():
     _, s_ref = _jit_update(OPT2_CF)(G12, OPT2_CF.init(X12), X12)
     # one projected-gradient iteration from uniform weights cannot reach the optimum ...
-    raw = mj.mtsgd(2, solver_options={"maxiter": 1, "polish": False}, warm_start=False)
+    raw = mj.mtsgd(2, solver="projected_gradient", solver_options={"maxiter": 1, "polish": False}, warm_start=False)
     _, s1 = raw.update(G12, raw.init(X12), X12)
     assert np.max(np.abs(np.asarray(s1.weights) - np.asarray(s_ref.weights))) > 1e-4
     # ... but the active-set polish finishes the job from there
-    polished = mj.mtsgd(2, solver_options={"maxiter": 1}, warm_start=False)
+    polished = mj.mtsgd(2, solver="projected_gradient", solver_options={"maxiter": 1}, warm_start=False)
     _, s2 = polished.update(G12, polished.init(X12), X12)
     np.testing.assert_allclose(np.asarray(s2.weights), np.asarray(s_ref.weights), atol=1e-10)
 
@@ -746,3 +748,60 @@ def test_every_weighting_is_svgd_for_one_target(weighting):
 def test_unknown_weighting_is_rejected():
     with pytest.raises(ValueError, match="weighting"):
         mj.mtsgd(2, weighting="bogus")
+
+
+# ---------------------------------------------------------------------------
+# blocked kernel interactions
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weighting", ["stein", "normalized"])
+def test_mtsgd_blocked_equals_unblocked(weighting):
+    x = jax.random.normal(jax.random.key(21), (37, 2))
+    grads = jnp.stack([x - 1.0, x + 1.0, 0.5 * x])
+    a = mj.mtsgd(3, weighting=weighting)
+    b = mj.mtsgd(3, weighting=weighting, block_size=8)
+    ua, sa = jax.jit(a.update)(grads, a.init(x), x)
+    ub, sb = jax.jit(b.update)(grads, b.init(x), x)
+    chex.assert_trees_all_close(ub, ua, rtol=1e-10, atol=1e-12)
+    chex.assert_trees_all_close(sb, sa, rtol=1e-10, atol=1e-12)
+
+
+def test_svgd_and_stein_quantities_blocked():
+    x = jax.random.normal(jax.random.key(22), (19, 3))
+    ua, sa = jax.jit(mj.svgd().update)(x, mj.svgd().init(x), x)
+    ub, sb = jax.jit(mj.svgd(block_size=4).update)(x, mj.svgd().init(x), x)
+    chex.assert_trees_all_close((ub, sb), (ua, sa), rtol=1e-10, atol=1e-12)
+    scores = jnp.stack([-x, 1.0 - x])
+    qa = jax.jit(mj.stein_quantities)(x, scores)
+    qb = jax.jit(functools.partial(mj.stein_quantities, block_size=5))(x, scores)
+    chex.assert_trees_all_close(qb, qa, rtol=1e-10, atol=1e-12)
+
+
+def test_moo_svgd_blocked_equals_unblocked():
+    x = jax.random.normal(jax.random.key(23), (25, 2))
+    grads = jnp.stack([x - 1.0, x + 1.0, 0.5 * x])
+    ua, _ = jax.jit(mj.moo_svgd(3).update)(grads, mj.moo_svgd(3).init(x), x)
+    ub, _ = jax.jit(mj.moo_svgd(3, block_size=6).update)(grads, mj.moo_svgd(3).init(x), x)
+    chex.assert_trees_all_close(ub, ua, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# the two exact paths: Kmat @ S (small d) and inner products (d >> K M)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weighting", ["stein", "normalized", "score"])
+@pytest.mark.parametrize("k,m,d", [(1, 3, 64), (3, 4, 200), (7, 5, 400)])
+def test_gram_path_equals_direct_path(monkeypatch, weighting, k, m, d):
+    from mtsgd_jax.transforms import _mtsgd
+
+    assert _mtsgd._use_gram_path(k, m, d, None) and not _mtsgd._use_gram_path(k, m, d, 8)
+    x = jax.random.normal(jax.random.key(k), (m, d))
+    g = jax.random.normal(jax.random.key(d), (k, m, d))
+    t = mj.mtsgd(k, weighting=weighting)
+    u_gram, s_gram = jax.jit(t.update)(g, t.init(x), x)
+    monkeypatch.setattr(_mtsgd, "_use_gram_path", lambda *a: False)
+    u_direct, s_direct = jax.jit(t.update)(g, t.init(x), x)
+    chex.assert_trees_all_close(u_gram, u_direct, rtol=1e-9, atol=1e-12)
+    chex.assert_trees_all_close(s_gram, s_direct, rtol=1e-8, atol=1e-10)

@@ -1,11 +1,32 @@
 """Optax gradient transformations: MT-SGD, SVGD and the multi-objective baselines.
 
-Every transformation here takes per-target LOSS gradients with leaves
-(K, M, ...) (SVGD: (M, ...)) and the particles as ``params`` (leaves (M, ...)),
-and returns a direction shaped like the particles that a first-order optimiser
-in the same ``optax.chain`` descends.
+Every multi-target transformation here takes per-target LOSS gradients with
+leaves (K, M, ...) (SVGD: (M, ...)) and the particles as ``params`` (leaves
+(M, ...)), and returns a direction shaped like the particles that a first-order
+optimiser later in the same ``optax.chain`` descends:
+
+* :func:`mtsgd` -- one Stein direction per target, ONE simplex QP per step;
+* :func:`svgd` -- MT-SGD with K = 1;
+* :func:`moo_svgd` -- one MGDA QP per particle, then SVGD smoothing and repulsion;
+* :func:`mgda` -- every particle's own min-norm common descent direction;
+* :func:`linear_scalarization` -- fixed (per-particle) weights.
 """
 
+from mtsgd_jax.transforms._mgda import MGDAState, mgda
+from mtsgd_jax.transforms._moo_svgd import MOOSVGDState, moo_svgd
 from mtsgd_jax.transforms._mtsgd import WEIGHTINGS, MTSGDState, SVGDState, mtsgd, svgd
+from mtsgd_jax.transforms._scalarization import linear_scalarization, preference_vectors
 
-__all__ = ["MTSGDState", "SVGDState", "WEIGHTINGS", "mtsgd", "svgd"]
+__all__ = [
+    "MGDAState",
+    "MOOSVGDState",
+    "MTSGDState",
+    "SVGDState",
+    "WEIGHTINGS",
+    "linear_scalarization",
+    "mgda",
+    "moo_svgd",
+    "mtsgd",
+    "preference_vectors",
+    "svgd",
+]
