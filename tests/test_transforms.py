@@ -805,3 +805,55 @@ def test_gram_path_equals_direct_path(monkeypatch, weighting, k, m, d):
     u_direct, s_direct = jax.jit(t.update)(g, t.init(x), x)
     chex.assert_trees_all_close(u_gram, u_direct, rtol=1e-9, atol=1e-12)
     chex.assert_trees_all_close(s_gram, s_direct, rtol=1e-8, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------
+# function-space kernel (features=)
+# ---------------------------------------------------------------------------
+
+
+def test_mtsgd_identity_features_equal_parameter_kernel():
+    """U differs only by the constant trace term, so the weights and the update are the same."""
+    x = jax.random.normal(jax.random.key(31), (9, 2))
+    g = jnp.stack([x - 1.0, x + 1.0, 0.3 * x + jnp.array([0.0, 2.0])])
+    a, b = mj.mtsgd(3), mj.mtsgd(3, features=lambda p: p)
+    ua, sa = jax.jit(a.update)(g, a.init(x), x)
+    ub, sb = jax.jit(b.update)(g, b.init(x), x)
+    chex.assert_trees_all_close(ub, ua, rtol=1e-8, atol=1e-10)
+    chex.assert_trees_all_close(sb.weights, sa.weights, rtol=1e-7, atol=1e-9)
+    t = float(np.mean(np.asarray(sa.ksd) - np.asarray(sb.ksd)))
+    np.testing.assert_allclose(np.asarray(sa.ksd) - np.asarray(sb.ksd), t, rtol=1e-9)  # the constant t
+    assert t > 0
+
+
+def test_mtsgd_feature_kernel_against_independent_computation():
+    h = 0.7
+    feat_one = lambda p: jnp.stack([jnp.tanh(p[0] + p[1]), p[2] ** 2, p[0] * p[1]])  # noqa: E731
+    x = jax.random.normal(jax.random.key(32), (6, 3))
+    g = jax.random.normal(jax.random.key(33), (2, 6, 3))
+    t = mj.mtsgd(2, mj.rbf(h), features=lambda p, scale=1.0: scale * jax.vmap(feat_one)(p))
+    upd, st = jax.jit(t.update)(g, t.init(x), x, scale=1.0)
+    f = np.asarray(jax.vmap(feat_one)(x))
+    kmat = np.exp(-np.sum((f[:, None] - f[None]) ** 2, -1) / h)
+    rep = np.zeros((6, 3))
+    for m in range(6):
+        rep[m] = -np.asarray(jax.grad(lambda pm: jnp.sum(jnp.exp(-jnp.sum((feat_one(pm)[None] - f) ** 2, 1) / h)))(x[m]))
+    s = -np.asarray(g)
+    gram = np.einsum("kad,ab,lbd->kl", s, kmat, s) / 36
+    c = np.einsum("kmd,md->k", s, rep) / 36
+    u = gram + c[:, None] + c[None, :]
+    w = np.asarray(st.weights)
+    uw = u @ w
+    assert np.all(uw >= w @ uw - 1e-9 * np.abs(u).max())  # Lemma 1 for this U
+    phi = (kmat @ np.einsum("k,kmd->md", w, s) + rep) / 6
+    np.testing.assert_allclose(np.asarray(upd), -phi, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(st.ksd), np.diag(u), rtol=1e-8, atol=1e-12)
+
+
+def test_mtsgd_features_errors():
+    with pytest.raises(ValueError, match="normalized"):
+        mj.mtsgd(2, features=lambda p: p, weighting="normalized")
+    x = jnp.zeros((4, 2))
+    t = mj.mtsgd(2, features=lambda p: p[:2])
+    with pytest.raises(ValueError, match=r"features\(params\) must return an \(M, p\) array with M=4"):
+        t.update(jnp.zeros((2, 4, 2)), t.init(x), x)

@@ -97,11 +97,39 @@ def _weights(weighting, gram, first, score_sq, solve, warm_start):
     return _unit_norm_weights(0.5 * (first + first.T), _safe_norms(score_sq), solve, warm_start)
 
 
-def _stein_step(grads, params, kernel, solve, warm_start, weighting="stein", block_size=None):
+def _feature_step(g, x, spec, params, kernel, solve, warm_start, weighting, features, extra_args):
+    """Function-space variant: kernel on features F(theta), repulsion pulled back through F."""
+    k, m, d = g.shape
+    feats, pullback = jax.vjp(lambda p: features(p, **extra_args), params)
+    if getattr(feats, "ndim", None) != 2 or feats.shape[0] != m:
+        raise ValueError(
+            f"mtsgd: features(params) must return an (M, p) array with M={m}, got shape {getattr(feats, 'shape', type(feats))}."
+        )
+    z = jax.lax.stop_gradient(feats)
+    km = _kernels.kernel_matrices(kernel, z)
+    rep_z = 2.0 * (jnp.matmul(km.dk, z) - jnp.sum(km.dk, axis=1)[:, None] * z)  # sum_a grad_{z_a} k(z_a, z_m)
+    rep, _ = flatten_particles(pullback(rep_z.astype(feats.dtype))[0], dtype=x.dtype)
+    flat = g.reshape(k * m, d)
+    vv = jnp.matmul(flat, flat.T).reshape(k, m, k, m)
+    first = jnp.einsum("ab,kalb->kl", km.k.astype(vv.dtype), vv) / (m * m)
+    c = -jnp.einsum("kmd,md->k", g, rep) / (m * m)  # <S_k, R> / M^2 with S = -g
+    # U up to the constant t 1 1^T (the trace term needs every network's Jacobian); a constant shift
+    # of every entry leaves argmin_{w in simplex} w^T U w unchanged.
+    gram = first + c[:, None] + c[None, :]
+    gram = 0.5 * (gram + gram.T)
+    weights = _weights(weighting, gram, first, jnp.einsum("kmkm->k", vv), solve, warm_start)
+    w = weights.astype(x.dtype)
+    phi = (jnp.matmul(km.k.astype(x.dtype), -jnp.einsum("k,kmd->md", w, g)) + jnp.sum(w) * rep) / m
+    return unflatten_particles(-phi, spec), weights, jnp.diagonal(gram), km.bandwidth
+
+
+def _stein_step(grads, params, kernel, solve, warm_start, weighting="stein", block_size=None, features=None, extra_args=None):
     """Shared core: U, weights and -phi* as a pytree (two exact paths, chosen by shape)."""
     x, spec = flatten_particles(params, dtype=_float_dtype(params))
     g = flatten_target_grads(grads, dtype=x.dtype)  # loss gradients = -scores
     k, m, d = g.shape
+    if features is not None:
+        return _feature_step(g, x, spec, params, kernel, solve, warm_start, weighting, features, extra_args or {})
     if _use_gram_path(k, m, d, block_size):
         gt = _stein.gram_terms_flat(x, g, kernel)
         c = -gt.cross  # cross term of the scores
@@ -131,6 +159,7 @@ def mtsgd(
     warm_start: bool = True,
     weighting: str = "stein",
     block_size: int | None = None,
+    features: Callable[..., Array] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """MT-SGD: the Stein direction that decreases every target's KL at once.
 
@@ -171,6 +200,17 @@ def mtsgd(
         time, so memory is O(block_size * M) instead of O(M^2) (see
         :func:`~mtsgd_jax.kernels.kernel_products`); ``None`` (default) does
         them at once, which is fastest while the matrices fit in memory.
+      features: optional function-space kernel (for particles that are
+        networks): ``features(params, **extra_args) -> (M, p)``, e.g. each
+        network's outputs on the current batch (extra keyword arguments of
+        ``update`` are forwarded). The kernel then acts on ``F(theta)`` and
+        the repulsion is pulled back through ``F`` with one VJP:
+        ``R_m = -grad_{theta_m} sum_a k(F(theta_m), F(theta_a))`` (others
+        fixed), as in :func:`~mtsgd_jax.transforms.moo_svgd`. U is formed
+        from the same kernel values and repulsion, up to its constant trace
+        term (which needs every network's Jacobian and does not change the
+        weights), so ``MTSGDState.ksd`` is diag(U) without that constant.
+        Supports ``weighting="stein"`` and ``"score"``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose
@@ -200,6 +240,11 @@ def mtsgd(
     kernel = kernel or _kernels.rbf()
     solve = _make_solver(solver, solver_options, num_targets)
     block_size = _kernels._check_block_size(block_size)
+    if features is not None:
+        if not callable(features):
+            raise TypeError(f"mtsgd: features must be callable or None, got {type(features).__name__}.")
+        if weighting == "normalized":
+            raise ValueError("mtsgd: weighting='normalized' needs diag(U) exactly, which features= does not give; use 'stein' or 'score'.")
 
     def init_fn(params):
         num_particles(params, "params")
@@ -212,10 +257,9 @@ def mtsgd(
         )
 
     def update_fn(grads, state, params=None, **extra_args):
-        del extra_args
         check_target_grads(grads, params, num_targets)
         init = state.weights if warm_start else None
-        updates, weights, ksd, h = _stein_step(grads, params, kernel, solve, init, weighting, block_size)
+        updates, weights, ksd, h = _stein_step(grads, params, kernel, solve, init, weighting, block_size, features, extra_args)
         new_state = MTSGDState(
             weights=weights.astype(state.weights.dtype),
             ksd=ksd.astype(state.ksd.dtype),
