@@ -31,7 +31,7 @@ from mtsgd_jax.particles import (
     num_particles,
     unflatten_particles,
 )
-from mtsgd_jax.problems import ToyProblem, toy_problem
+from mtsgd_jax.problems import ToyProblem, ZDTProblem, toy_problem, zdt
 from mtsgd_jax.qp import SOLVERS, min_norm_weights, projection_simplex
 from mtsgd_jax.sampling import SampleResult, Trace, find_stein_state, sample
 from mtsgd_jax.stein import (
@@ -53,11 +53,13 @@ from mtsgd_jax.transforms import (
     MOOSVGDState,
     MTSGDState,
     SVGDState,
+    clip_to_box,
     linear_scalarization,
     mgda,
     moo_svgd,
     mtsgd,
     preference_vectors,
+    project_box,
     svgd,
 )
 
@@ -78,6 +80,8 @@ __all__ = [
     "ToyProblem",
     "Trace",
     "WEIGHTINGS",
+    "ZDTProblem",
+    "clip_to_box",
     "find_stein_state",
     "flatten_particles",
     "flatten_target_grads",
@@ -99,6 +103,7 @@ __all__ = [
     "num_particles",
     "pairwise_sq_dists",
     "preference_vectors",
+    "project_box",
     "projection_simplex",
     "radial_kernel",
     "rbf",
@@ -110,4 +115,5 @@ __all__ = [
     "toy_problem",
     "unflatten_particles",
     "value_and_grads",
+    "zdt",
 ]

@@ -9,9 +9,11 @@ optimiser later in the same ``optax.chain`` descends:
 * :func:`svgd` -- MT-SGD with K = 1;
 * :func:`moo_svgd` -- one MGDA QP per particle, then SVGD smoothing and repulsion;
 * :func:`mgda` -- every particle's own min-norm common descent direction;
-* :func:`linear_scalarization` -- fixed (per-particle) weights.
+* :func:`linear_scalarization` -- fixed (per-particle) weights;
+* :func:`project_box` -- last in a chain: keeps the particles in a box.
 """
 
+from mtsgd_jax.transforms._constraints import clip_to_box, project_box
 from mtsgd_jax.transforms._mgda import MGDAState, mgda
 from mtsgd_jax.transforms._moo_svgd import MOOSVGDState, moo_svgd
 from mtsgd_jax.transforms._mtsgd import WEIGHTINGS, MTSGDState, SVGDState, mtsgd, svgd
@@ -23,10 +25,12 @@ __all__ = [
     "MTSGDState",
     "SVGDState",
     "WEIGHTINGS",
+    "clip_to_box",
     "linear_scalarization",
     "mgda",
     "moo_svgd",
     "mtsgd",
     "preference_vectors",
+    "project_box",
     "svgd",
 ]
