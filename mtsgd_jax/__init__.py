@@ -33,7 +33,7 @@ from mtsgd_jax.particles import (
 )
 from mtsgd_jax.problems import ToyProblem, ZDTProblem, toy_problem, zdt
 from mtsgd_jax.qp import SOLVERS, min_norm_weights, projection_simplex
-from mtsgd_jax.sampling import SampleResult, Trace, find_stein_state, sample
+from mtsgd_jax.sampling import SampleResult, Trace, find_stein_state, sample, shard_particles
 from mtsgd_jax.stein import (
     SteinQuantities,
     gram_matrix,
@@ -108,6 +108,7 @@ __all__ = [
     "radial_kernel",
     "rbf",
     "sample",
+    "shard_particles",
     "stack_targets",
     "stein_directions",
     "stein_quantities",

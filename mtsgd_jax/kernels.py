@@ -332,14 +332,23 @@ def _check_block_size(block_size):
     return int(block_size)
 
 
-def _row_blocks(z: Array, block_size: int):
-    """Rows of ``z`` padded to whole blocks: (nb, B, p) blocks and (nb, B) global row indices."""
-    m = z.shape[0]
-    nb = -(-m // block_size)
-    pad = nb * block_size - m
-    zp = jnp.concatenate([z, jnp.zeros((pad,) + z.shape[1:], z.dtype)]) if pad else z
-    rows = jnp.arange(nb * block_size).reshape(nb, block_size)
-    return zp.reshape(nb, block_size, *z.shape[1:]), rows
+class _Rows(NamedTuple):
+    """Some rows of a particle set, padded to whole blocks: (nb, B, p) points, global indices, validity."""
+
+    blocks: Array
+    index: Array
+    valid: Array
+
+
+def _row_blocks(z_rows: Array, block_size: int | None, offset=0) -> _Rows:
+    """Split ``z_rows`` (rows ``offset ...`` of the whole set) into blocks of ``block_size`` rows."""
+    m = z_rows.shape[0]
+    b = m if block_size is None else min(block_size, m)
+    nb = -(-m // b)
+    pad = nb * b - m
+    zp = jnp.concatenate([z_rows, jnp.zeros((pad,) + z_rows.shape[1:], z_rows.dtype)]) if pad else z_rows
+    local = jnp.arange(nb * b).reshape(nb, b)
+    return _Rows(zp.reshape(nb, b, *z_rows.shape[1:]), local + offset, local < m)
 
 
 def _block_sq_dists(zb: Array, rows: Array, z: Array, zz: Array) -> Array:
@@ -349,28 +358,38 @@ def _block_sq_dists(zb: Array, rows: Array, z: Array, zz: Array) -> Array:
     return jnp.where(rows[:, None] == jnp.arange(z.shape[0])[None, :], 0.0, r2)
 
 
-def _blocked_pair_reduce(z: Array, block_size: int, fn: Callable, init, combine=jnp.add):
-    """Fold ``combine`` over row blocks of ``fn(r2_block, upper)``; ``upper`` marks the pairs a < b."""
-    m = z.shape[0]
-    blocks, rows = _row_blocks(z, block_size)
+def _blocked_pair_reduce(z: Array, rows: _Rows, fn: Callable, init, combine=jnp.add, axis_name=None):
+    """Fold ``combine`` over row blocks of ``fn(r2_block, upper)``; ``upper`` marks the pairs a < b.
+
+    With ``axis_name`` the rows are this device's share and the result is
+    combined across devices (``psum`` / ``pmin``).
+    """
     zz = jnp.sum(z * z, axis=-1)
-    cols = jnp.arange(m)
+    cols = jnp.arange(z.shape[0])
 
-    def body(acc, blk):
-        zb, r = blk
+    def per_block(blk):
+        zb, r, valid = blk
         r2 = _block_sq_dists(zb, r, z, zz)
-        upper = (cols[None, :] > r[:, None]) & (r[:, None] < m)
-        return jax.tree_util.tree_map(combine, acc, fn(r2, upper)), None
+        upper = (cols[None, :] > r[:, None]) & valid[:, None]
+        return fn(r2, upper)
 
-    out, _ = jax.lax.scan(body, init, (blocks, rows))
+    # Per-block results stacked (scalars), then folded: no loop carry, so the same code runs
+    # unchanged inside shard_map (where a carry would have to be marked device-varying).
+    stacked = jax.lax.map(per_block, tuple(rows))
+    reduce = jnp.min if combine is jnp.minimum else jnp.sum
+    out = jax.tree_util.tree_map(lambda a, i: combine(i, reduce(a, axis=0).astype(i.dtype)), stacked, init)
+    if axis_name is not None:
+        collective = jax.lax.pmin if combine is jnp.minimum else jax.lax.psum
+        out = jax.tree_util.tree_map(lambda a: collective(a, axis_name), out)
     return out
 
 
-def _blocked_median_bandwidth(z: Array, block_size: int) -> Array:
+def _blocked_median_bandwidth(z: Array, rows: _Rows, axis_name=None) -> Array:
     """:func:`median_bandwidth` of ``pairwise_sq_dists(z)`` in O(block_size * M) memory.
 
     The same exact bisection on float bit patterns as the unblocked path, each
-    pass's count accumulated over row blocks (distances recomputed per pass).
+    pass's count accumulated over row blocks (and devices), the distances
+    recomputed per pass.
     """
     m = z.shape[0]
     if m < 2:
@@ -378,16 +397,20 @@ def _blocked_median_bandwidth(z: Array, block_size: int) -> Array:
     z = jax.lax.stop_gradient(z)
     if z.dtype not in (jnp.float32, jnp.float64):
         z = z.astype(jnp.float32)
+        rows = rows._replace(blocks=rows.blocks.astype(jnp.float32))
     dtype = z.dtype
     itype = jnp.int64 if dtype == jnp.float64 else jnp.int32
     n = m * (m - 1) // 2
     k = (n - 1) // 2
 
+    def reduce(fn, init, combine=jnp.add):
+        return _blocked_pair_reduce(z, rows, fn, init, combine, axis_name)
+
     def count_leq(threshold_bits):
         def fn(r2, upper):
             return jnp.sum(upper & (jax.lax.bitcast_convert_type(r2, itype) <= threshold_bits), dtype=itype)
 
-        return _blocked_pair_reduce(z, block_size, fn, jnp.zeros((), itype))
+        return reduce(fn, jnp.zeros((), itype))
 
     def body(_, lohi):
         lo, hi = lohi
@@ -402,13 +425,11 @@ def _blocked_median_bandwidth(z: Array, block_size: int) -> Array:
     def sums(r2, upper):
         return jnp.sum(jnp.where(upper, r2, 0.0)), jnp.sum(upper & (r2 <= lower), dtype=itype)
 
-    total, n_leq = _blocked_pair_reduce(z, block_size, sums, (jnp.zeros((), dtype), jnp.zeros((), itype)))
+    total, n_leq = reduce(sums, (jnp.zeros((), dtype), jnp.zeros((), itype)))
     if n % 2:
         med = lower
     else:
-        nxt = _blocked_pair_reduce(
-            z,
-            block_size,
+        nxt = reduce(
             lambda r2, upper: jnp.min(jnp.where(upper & (r2 > lower), r2, jnp.inf)),
             jnp.asarray(jnp.inf, dtype),
             combine=jnp.minimum,
@@ -426,6 +447,7 @@ def kernel_products(
     vectors: Array,
     *,
     block_size: int | None = None,
+    axis_name: str | None = None,
 ) -> KernelProducts:
     """``Kmat @ vectors``, the SVGD repulsion and the trace sum, optionally in row blocks.
 
@@ -439,6 +461,11 @@ def kernel_products(
         The two paths agree to float round-off. With the median heuristic the
         blocked path recomputes the distances once per bisection pass (about
         32 passes in float32, 64 in float64), so it trades time for memory.
+      axis_name: call inside ``shard_map`` with the particles split over this
+        mesh axis: ``z`` and ``vectors`` are then this device's rows (M / D of
+        them), the other rows are all-gathered, the median counts and the
+        trace are summed across devices, and the outputs are this device's
+        rows (``trace_sum`` and ``bandwidth`` are global).
 
     Returns:
       :class:`KernelProducts`.
@@ -455,36 +482,43 @@ def kernel_products(
     block_size = _check_block_size(block_size)
     if z.ndim != 2 or vectors.ndim != 2 or vectors.shape[0] != z.shape[0]:
         raise ValueError(f"kernel_products: expected z (M, p) and vectors (M, n), got {z.shape} and {vectors.shape}.")
-    m, p = z.shape
-    if block_size is None or block_size >= m:
+    m_rows, p = z.shape
+    if axis_name is None and (block_size is None or block_size >= m_rows):
         km = kernel_matrices(kernel, z)
         kv = jnp.matmul(km.k.astype(vectors.dtype), vectors)
         # R_m = sum_a 2 kappa'_am (z_a - z_m) = 2 (dk @ z)_m - 2 (sum_a dk_am) z_m
         rep = 2.0 * (jnp.matmul(km.dk, z) - jnp.sum(km.dk, axis=1)[:, None] * z)
         return KernelProducts(kv, rep, km.trace_sum, km.bandwidth)
 
+    if axis_name is None:
+        z_all, v_all, offset = z, vectors, 0
+    else:
+        z_all = jax.lax.all_gather(z, axis_name, tiled=True)
+        v_all = jax.lax.all_gather(vectors, axis_name, tiled=True)
+        offset = jax.lax.axis_index(axis_name) * m_rows
+    rows = _row_blocks(z, block_size, offset)
     if isinstance(kernel.bandwidth, str):
-        h = _blocked_median_bandwidth(z, block_size).astype(z.dtype)
+        h = _blocked_median_bandwidth(z_all, rows, axis_name).astype(z.dtype)
     else:
         h = jnp.asarray(kernel.bandwidth, dtype=z.dtype)
-    blocks, rows = _row_blocks(z, block_size)
-    zz = jnp.sum(z * z, axis=-1)
+    zz = jnp.sum(z_all * z_all, axis=-1)
 
     def one_block(blk):
-        zb, r = blk
-        r2 = _block_sq_dists(zb, r, z, zz)
+        zb, r, valid = blk
+        r2 = _block_sq_dists(zb, r, z_all, zz)
         u = r2 / h
         f, df, d2f = kernel.derivatives(u)
         dk = df / h
-        kv = jnp.matmul(f.astype(vectors.dtype), vectors)
-        # Rows of a symmetric matrix: sum over the block's row index a of dk_am (z_a - z_m) needs
-        # columns, so use symmetry (dk_am = dk_ma) and compute it from the block's rows.
-        rep = 2.0 * (jnp.matmul(dk, z) - jnp.sum(dk, axis=1)[:, None] * zb)
-        valid = (r < m)[:, None]
-        tr = jnp.sum(jnp.where(valid, -2.0 * p * df - 4.0 * u * d2f, 0.0)) / h
+        kv = jnp.matmul(f.astype(v_all.dtype), v_all)
+        # The block holds rows a of the symmetric kappa' matrix; R_m needs column m, equal to row m.
+        rep = 2.0 * (jnp.matmul(dk, z_all) - jnp.sum(dk, axis=1)[:, None] * zb)
+        tr = jnp.sum(jnp.where(valid[:, None], -2.0 * p * df - 4.0 * u * d2f, 0.0)) / h
         return kv, rep, tr
 
-    kv, rep, tr = jax.lax.map(one_block, (blocks, rows))
-    kv = kv.reshape(-1, kv.shape[-1])[:m]
-    rep = rep.reshape(-1, p)[:m]
-    return KernelProducts(kv, rep, jnp.sum(tr), h)
+    kv, rep, tr = jax.lax.map(one_block, tuple(rows))
+    kv = kv.reshape(-1, kv.shape[-1])[:m_rows]
+    rep = rep.reshape(-1, p)[:m_rows]
+    tr = jnp.sum(tr)
+    if axis_name is not None:
+        tr = jax.lax.psum(tr, axis_name)
+    return KernelProducts(kv, rep, tr, h)

@@ -51,39 +51,68 @@ class SteinTerms(NamedTuple):
     """Intermediate products shared by the directions and U (flat layout).
 
     Attributes:
-      kernel_scores: ``Kmat @ S_k`` for every target, (K, M, d).
+      kernel_scores: ``Kmat @ S_k`` for every target, (K, M, d) (this device's
+        rows when sharded).
       repulsion: ``R``, (M, d).
       trace_term: scalar ``t`` of U's decomposition (already divided by M^2).
       bandwidth: scalar bandwidth used.
+      num_particles: M, the size of the whole particle set (static int).
+      axis_name: mesh axis the particles are split over, or ``None``.
     """
 
     kernel_scores: Array
     repulsion: Array
     trace_term: Array
     bandwidth: Array
+    num_particles: int | None = None
+    axis_name: str | None = None
+
+
+def _axis_size(axis_name) -> int:
+    if axis_name is None:
+        return 1
+    size = getattr(jax.lax, "axis_size", None)
+    return int(size(axis_name)) if size is not None else int(jax.lax.psum(1, axis_name))
+
+
+def _psum(x, axis_name):
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
 def stein_terms_flat(
-    x: Array, scores: Array, kernel: _kernels.RadialKernel, *, block_size: int | None = None
+    x: Array,
+    scores: Array,
+    kernel: _kernels.RadialKernel,
+    *,
+    block_size: int | None = None,
+    axis_name: str | None = None,
 ) -> SteinTerms:
     """Shared Stein products for particles ``x`` (M, d) and ``scores`` (K, M, d).
 
     ``block_size`` processes the (M, M) kernel interactions B rows at a time
     (see :func:`~mtsgd_jax.kernels.kernel_products`); ``None`` does them at once.
+    ``axis_name``: inside ``shard_map`` with the particles split over that mesh
+    axis, ``x`` and ``scores`` hold this device's particles; the outputs are
+    this device's rows and every sum over particles is global.
     """
     m, d = x.shape
     k = scores.shape[0]
     # One GEMM for all targets: (M, M) @ (M, K*d).
     s_stacked = jnp.transpose(scores, (1, 0, 2)).reshape(m, k * d)
-    prods = _kernels.kernel_products(kernel, x, s_stacked, block_size=block_size)
+    prods = _kernels.kernel_products(kernel, x, s_stacked, block_size=block_size, axis_name=axis_name)
     ks = prods.kv.reshape(m, k, d).transpose(1, 0, 2)
-    return SteinTerms(ks, prods.repulsion, prods.trace_sum / (m * m), prods.bandwidth)
+    m_all = m * _axis_size(axis_name)
+    return SteinTerms(ks, prods.repulsion, prods.trace_sum / (m_all * m_all), prods.bandwidth, m_all, axis_name)
+
+
+def _num(terms: SteinTerms) -> int:
+    return terms.num_particles if terms.num_particles is not None else terms.repulsion.shape[0]
 
 
 def first_term(scores: Array, terms: SteinTerms) -> Array:
     """G (K, K), the first term of U: ``G_kl = <S_k, Kmat S_l> / M^2``."""
-    m = scores.shape[1]
-    return jnp.einsum("kmd,lmd->kl", scores, terms.kernel_scores) / (m * m)
+    m = _num(terms)
+    return _psum(jnp.einsum("kmd,lmd->kl", scores, terms.kernel_scores), terms.axis_name) / (m * m)
 
 
 def gram_from_terms(scores: Array, terms: SteinTerms, first: Array | None = None) -> Array:
@@ -91,24 +120,22 @@ def gram_from_terms(scores: Array, terms: SteinTerms, first: Array | None = None
 
     ``first`` may pass a precomputed :func:`first_term`.
     """
-    m = scores.shape[1]
+    m = _num(terms)
     g = first_term(scores, terms) if first is None else first
-    c = jnp.einsum("kmd,md->k", scores, terms.repulsion) / (m * m)
+    c = _psum(jnp.einsum("kmd,md->k", scores, terms.repulsion), terms.axis_name) / (m * m)
     u = g + c[:, None] + c[None, :] + terms.trace_term
     return 0.5 * (u + u.T)
 
 
 def directions_from_terms(terms: SteinTerms) -> Array:
     """Per-target directions Phi (K, M, d) from :func:`stein_terms_flat` output."""
-    m = terms.repulsion.shape[0]
-    return (terms.kernel_scores + terms.repulsion[None]) / m
+    return (terms.kernel_scores + terms.repulsion[None]) / _num(terms)
 
 
 def combined_direction(terms: SteinTerms, weights: Array) -> Array:
     """``sum_k w_k Phi_k`` (M, d) for weights on the simplex, in O(K M d)."""
-    m = terms.repulsion.shape[0]
     mixed = jnp.einsum("k,kmd->md", weights.astype(terms.kernel_scores.dtype), terms.kernel_scores)
-    return (mixed + terms.repulsion * jnp.sum(weights).astype(mixed.dtype)) / m
+    return (mixed + terms.repulsion * jnp.sum(weights).astype(mixed.dtype)) / _num(terms)
 
 
 class GramTerms(NamedTuple):

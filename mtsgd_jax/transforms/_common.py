@@ -9,9 +9,17 @@ from mtsgd_jax import qp as _qp
 
 
 def _float_dtype(params):
+    """Compute dtype of the Stein algebra: the particles' float dtype, at least float32.
+
+    Half-precision particles (bfloat16, float16) are processed in float32 (kernel,
+    U, QP and the combined direction accumulate in float32); the update is cast
+    back to each leaf's dtype.
+    """
     leaves = jax.tree_util.tree_leaves(params)
     dtype = jnp.result_type(*leaves) if leaves else jnp.float32
-    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return jnp.result_type(float)
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _safe_norms(sq):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from mtsgd_jax import kernels as _kernels
+from mtsgd_jax import stein as _stein
 from mtsgd_jax._validation import check_target_grads, num_particles
 from mtsgd_jax.particles import flatten_particles, flatten_target_grads, unflatten_particles
 from mtsgd_jax.transforms._common import _check_num_targets, _float_dtype, _make_solver, _per_particle_min_norm
@@ -45,6 +46,7 @@ def moo_svgd(
     normalize_grads: bool = False,
     warm_start: bool = True,
     block_size: int | None = None,
+    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """MOO-SVGD: per-particle MGDA directions, smoothed and repelled with a kernel.
 
@@ -76,6 +78,9 @@ def moo_svgd(
         :func:`~mtsgd_jax.transforms.mgda` for the M per-particle QPs.
       block_size: row-block size for the kernel interactions (bounded memory
         for large M, see :func:`~mtsgd_jax.kernels.kernel_products`).
+      axis_name: mesh axis sharding the particles when ``update`` runs inside
+        ``shard_map`` (see :func:`~mtsgd_jax.transforms.mtsgd`); each device
+        solves its own particles' QPs.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update(grads, state,
@@ -119,7 +124,7 @@ def moo_svgd(
         init = state.weights.astype(x.dtype) if warm_start else None
         weights, g_star = _per_particle_min_norm(g, solve, init, normalize_grads)
         if features is None:
-            prods = _kernels.kernel_products(kernel, x, g_star, block_size=block_size)
+            prods = _kernels.kernel_products(kernel, x, g_star, block_size=block_size, axis_name=axis_name)
             rep = prods.repulsion
         else:
             feats, pullback = jax.vjp(lambda p: features(p, **extra_args), params)
@@ -128,10 +133,13 @@ def moo_svgd(
                     f"moo_svgd: features(params) must return an (M, p) array with M={m}, "
                     f"got shape {getattr(feats, 'shape', type(feats))}."
                 )
-            prods = _kernels.kernel_products(kernel, jax.lax.stop_gradient(feats), g_star, block_size=block_size)
+            prods = _kernels.kernel_products(
+                kernel, jax.lax.stop_gradient(feats), g_star, block_size=block_size, axis_name=axis_name
+            )
             (rep_tree,) = pullback(prods.repulsion.astype(feats.dtype))
             rep, _ = flatten_particles(rep_tree, dtype=x.dtype)
-        direction = (prods.kv - alpha * rep) / m
+        m_all = m if axis_name is None else m * _stein._axis_size(axis_name)
+        direction = (prods.kv - alpha * rep) / m_all
         new_state = MOOSVGDState(
             weights=weights.astype(state.weights.dtype),
             bandwidth=prods.bandwidth.astype(state.bandwidth.dtype),
