@@ -33,6 +33,8 @@ def main(argv=None):
     p.add_argument("--num-particles", type=int, default=50)
     p.add_argument("--lr", type=float, default=3e-2)
     p.add_argument("--key", type=int, default=7, help="seeds are jax.random.split(key(KEY), SEEDS)")
+    p.add_argument("--weightings", nargs="+", default=list(mt.WEIGHTINGS), choices=mt.WEIGHTINGS)
+    p.add_argument("--solver", default="auto", help="QP backend of mtsgd ('auto': exact enumeration for K = 3)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args(argv)
 
@@ -41,8 +43,8 @@ def main(argv=None):
     x0 = jax.vmap(lambda k: prob.init_particles(k, args.num_particles))(keys)
     rows = []
     print(f"{'weighting':12s} {'steps':>6s} {'mean':>6s} {'min':>6s} {'P(>=0.9)':>9s} {'time':>7s}")
-    for weighting in mt.WEIGHTINGS:
-        opt = optax.chain(mt.mtsgd(3, weighting=weighting), optax.adam(args.lr))
+    for weighting in args.weightings:
+        opt = optax.chain(mt.mtsgd(3, weighting=weighting, solver=args.solver), optax.adam(args.lr))
         for steps in args.steps:
             t0 = time.perf_counter()
             final = jax.vmap(lambda x: mt.sample(prob.log_prob, opt, x, steps).particles)(x0)
@@ -50,6 +52,7 @@ def main(argv=None):
             dt = time.perf_counter() - t0
             row = {
                 "weighting": weighting,
+                "solver": args.solver,
                 "steps": steps,
                 "mean_share": float(share.mean()),
                 "min_share": float(share.min()),

@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=1000, help="number of optimiser steps (a multiple of 4 * trace-every)")
     p.add_argument("--lr", type=float, default=3e-2, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed of the initial particles")
-    p.add_argument("--solver", default="projected_gradient", choices=mtsgd_jax.SOLVERS, help="QP backend for the weights")
+    p.add_argument("--solver", default="auto", choices=("auto",) + mtsgd_jax.SOLVERS, help="QP backend for the weights ('auto': exact enumeration for K = 3)")
     p.add_argument(
         "--weighting",
         default="stein",
