@@ -228,6 +228,27 @@ def _kth_smallest_pair(r2: Array, k: int) -> Array:
     return jax.lax.bitcast_convert_type(hi, r2.dtype)
 
 
+def _kth_smallest(values: Array, k: int) -> Array:
+    """k-th smallest (0-based) entry of a non-negative vector, by the same bit-pattern bisection."""
+    itype = jnp.int64 if values.dtype == jnp.float64 else jnp.int32
+    bits = jax.lax.bitcast_convert_type(values, itype)
+    hi0 = jax.lax.bitcast_convert_type(jnp.asarray(jnp.inf, values.dtype), itype)
+
+    def body(_, lohi):
+        lo, hi = lohi
+        mid = lo + (hi - lo) // 2
+        above = jnp.sum(bits <= mid, dtype=itype) > k
+        return jnp.where(above, lo, mid + 1), jnp.where(above, mid, hi)
+
+    _, hi = jax.lax.fori_loop(0, jnp.iinfo(itype).bits - 1, body, (jnp.zeros((), itype), hi0), unroll=4)
+    return jax.lax.bitcast_convert_type(hi, values.dtype)
+
+
+# Up to this M the distinct pairs are gathered once into a vector (half the entries, read
+# contiguously: 2-5x faster per bisection pass); above it the passes run over the matrix.
+_TRIANGLE_MAX_M = 2048
+
+
 def median_bandwidth(r2: Array) -> Array:
     """Median-heuristic bandwidth from an (M, M) matrix of squared distances.
 
@@ -246,14 +267,22 @@ def median_bandwidth(r2: Array) -> Array:
     if dtype not in (jnp.float32, jnp.float64):
         work = work.astype(jnp.float32)
     n = m * (m - 1) // 2
-    lower = _kth_smallest_pair(work, (n - 1) // 2)
+    if m <= _TRIANGLE_MAX_M:
+        rows, cols = np.triu_indices(m, 1)
+        pairs = work.reshape(-1)[jnp.asarray(rows * m + cols)]
+        lower = _kth_smallest(pairs, (n - 1) // 2)
+        n_leq = jnp.sum(pairs <= lower)
+        above = pairs
+    else:
+        lower = _kth_smallest_pair(work, (n - 1) // 2)
+        n_leq = (jnp.sum(work <= lower) - m) // 2
+        above = work
     if n % 2:
         med = lower
     else:
         # The next order statistic: ``lower`` again if it repeats, else the next larger value.
-        repeats = (jnp.sum(work <= lower) - m) // 2 > n // 2
-        upper = jnp.min(jnp.where(work > lower, work, jnp.inf))
-        med = 0.5 * (lower + jnp.where(repeats, lower, upper))
+        upper = jnp.min(jnp.where(above > lower, above, jnp.inf))
+        med = 0.5 * (lower + jnp.where(n_leq > n // 2, lower, upper))
     mean = jnp.sum(work) / (m * (m - 1))
     tiny = jnp.finfo(work.dtype).tiny * 1e3
     scale = jnp.where(med > tiny, med, jnp.where(mean > tiny, mean, jnp.log(m + 1.0)))
