@@ -6,8 +6,8 @@ Gram matrix U (K, K), solves ONE simplex QP for the weights and applies the
 weighted direction to every particle. The library exposes it as an optax
 transformation (:func:`mtsgd`), with SVGD (:func:`svgd`) as the K = 1 case and
 the multi-objective baselines MOO-SVGD (:func:`moo_svgd`), MGDA (:func:`mgda`)
-and linear scalarisation (:func:`linear_scalarization`) behind the same
-interface.
+linear scalarisation (:func:`linear_scalarization`) and Pareto MTL
+(:func:`pareto_mtl`) behind the same interface.
 """
 
 from mtsgd_jax.kernels import (
@@ -52,12 +52,15 @@ from mtsgd_jax.transforms import (
     MGDAState,
     MOOSVGDState,
     MTSGDState,
+    ParetoMTLState,
     SVGDState,
     clip_to_box,
     linear_scalarization,
     mgda,
     moo_svgd,
     mtsgd,
+    pareto_mtl,
+    pareto_mtl_preferences,
     preference_vectors,
     project_box,
     svgd,
@@ -71,6 +74,7 @@ __all__ = [
     "MGDAState",
     "MOOSVGDState",
     "MTSGDState",
+    "ParetoMTLState",
     "ParticleSpec",
     "RadialKernel",
     "SOLVERS",
@@ -102,6 +106,8 @@ __all__ = [
     "mtsgd",
     "num_particles",
     "pairwise_sq_dists",
+    "pareto_mtl",
+    "pareto_mtl_preferences",
     "preference_vectors",
     "project_box",
     "projection_simplex",

@@ -10,12 +10,14 @@ optimiser later in the same ``optax.chain`` descends:
 * :func:`moo_svgd` -- one MGDA QP per particle, then SVGD smoothing and repulsion;
 * :func:`mgda` -- every particle's own min-norm common descent direction;
 * :func:`linear_scalarization` -- fixed (per-particle) weights;
+* :func:`pareto_mtl` -- Pareto MTL: one preference region per particle (needs ``losses=``);
 * :func:`project_box` -- last in a chain: keeps the particles in a box.
 """
 
 from mtsgd_jax.transforms._constraints import clip_to_box, project_box
 from mtsgd_jax.transforms._mgda import MGDAState, mgda
 from mtsgd_jax.transforms._moo_svgd import MOOSVGDState, moo_svgd
+from mtsgd_jax.transforms._pareto_mtl import ParetoMTLState, pareto_mtl, pareto_mtl_preferences
 from mtsgd_jax.transforms._mtsgd import WEIGHTINGS, MTSGDState, SVGDState, mtsgd, svgd
 from mtsgd_jax.transforms._scalarization import linear_scalarization, preference_vectors
 
@@ -23,6 +25,7 @@ __all__ = [
     "MGDAState",
     "MOOSVGDState",
     "MTSGDState",
+    "ParetoMTLState",
     "SVGDState",
     "WEIGHTINGS",
     "clip_to_box",
@@ -30,6 +33,8 @@ __all__ = [
     "mgda",
     "moo_svgd",
     "mtsgd",
+    "pareto_mtl",
+    "pareto_mtl_preferences",
     "preference_vectors",
     "project_box",
     "svgd",
