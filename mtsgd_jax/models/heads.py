@@ -24,6 +24,7 @@ class MultiHeadDense(nn.Module):
       num_tasks: T >= 1.
       num_classes: C >= 1, outputs per head.
       dtype: computation dtype (``None``: inferred from the inputs and params).
+      param_dtype: dtype of the parameters (float32, like ``nn.Dense``).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -36,6 +37,7 @@ class MultiHeadDense(nn.Module):
     num_tasks: int
     num_classes: int
     dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, features: jax.Array) -> jax.Array:
@@ -52,7 +54,7 @@ class MultiHeadDense(nn.Module):
         init = nn.initializers.variance_scaling(
             1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=2, batch_axis=(1,)
         )
-        kernel = self.param("kernel", init, (d, self.num_tasks, self.num_classes))
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.num_tasks, self.num_classes))
+        kernel = self.param("kernel", init, (d, self.num_tasks, self.num_classes), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.num_tasks, self.num_classes), self.param_dtype)
         features, kernel, bias = nn.dtypes.promote_dtype(features, kernel, bias, dtype=self.dtype)
         return jnp.einsum("nd,dtc->ntc", features, kernel) + bias

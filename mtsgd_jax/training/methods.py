@@ -1,0 +1,172 @@
+"""Multi-task training methods as optax transformations, and the optimisers that follow them.
+
+:func:`make_method` returns a :class:`Method`: the gradient transformation
+plus how the trainer must feed it. Every method trains a particle set of
+networks (leaves (P, ...)):
+
+============================  ==========================================================  =========
+name                          what each step does                                          networks
+============================  ==========================================================  =========
+``"mtsgd"``                   :func:`~mtsgd_jax.mtsgd`: K Stein directions, ONE QP          M
+``"moo_svgd"``                :func:`~mtsgd_jax.moo_svgd`: M MGDA QPs + kernel smoothing    M
+``"mgda"``                    :func:`~mtsgd_jax.mgda`: each network's min-norm direction    M
+``"pareto_mtl"``              :func:`~mtsgd_jax.transforms.pareto_mtl`: one preference      M
+                              region per network
+``"linear_scalarization"``    descend ``sum_k w_k L_k`` (uniform ``w``, or spread           M
+                              preference vectors with ``ls_weights="spread"``)
+``"single_task"``             K independent sets of M networks; set k descends ``L_k``      K * M
+                              only and is evaluated on task k only
+============================  ==========================================================  =========
+
+The first four take per-task gradients (K backward passes per network and
+step). Linear scalarisation and single-task training need one backward pass
+of one scalar loss per network: for them :attr:`Method.scalarization` holds
+the (P, K) weights of that loss, the trainer differentiates
+``sum_k w_pk L_k(theta_p)`` directly and the transformation is the identity
+(mathematically the same as :func:`~mtsgd_jax.linear_scalarization` on the
+per-task gradients, at 1/K of the cost).
+
+Kernels (``kernel_space``, for ``mtsgd`` and ``moo_svgd``; ignored by the
+others): ``"parameter"`` is the RBF kernel (median bandwidth) on the
+flattened parameters; ``"function"`` is the RBF kernel on each network's
+outputs on the current batch (the MT-SGD reference code's choice), through
+the transformations' ``features=`` option; pass ``features`` (e.g.
+:func:`mtsgd_jax.training.function_features`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import numpy as np
+import optax
+
+from mtsgd_jax.transforms import mgda, moo_svgd, mtsgd, preference_vectors
+from mtsgd_jax.transforms._pareto_mtl import pareto_mtl
+
+__all__ = ["METHODS", "KERNEL_SPACES", "OPTIMIZERS", "Method", "make_method", "make_optimizer"]
+
+METHODS = ("mtsgd", "moo_svgd", "mgda", "linear_scalarization", "pareto_mtl", "single_task")
+KERNEL_SPACES = ("parameter", "function")
+OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+class Method(NamedTuple):
+    """A training method (see the module docstring).
+
+    Attributes:
+      name: one of :data:`METHODS`.
+      transform: the optax transformation applied to the gradients before the
+        optimiser. Its ``update`` gets per-task gradients (leaves (K, P, ...)) and
+        the extra arguments ``losses=`` (K, P) values plus the batch, unless
+        ``scalarization`` is set (then gradients shaped like the particles).
+      num_particles: P, the number of networks trained (K * M for single-task).
+      num_tasks: K.
+      scalarization: None, or (P, K) weights: each network descends
+        ``sum_k w_pk L_k`` and only that gradient is computed.
+      assignment: None (every network predicts every task), or (P,) the one
+        task each network is trained and evaluated on (single-task).
+      kernel_space: ``"parameter"`` or ``"function"`` (kernel methods), else None.
+    """
+
+    name: str
+    transform: optax.GradientTransformation
+    num_particles: int
+    num_tasks: int
+    scalarization: np.ndarray | None = None
+    assignment: np.ndarray | None = None
+    kernel_space: str | None = None
+
+
+def make_method(
+    name: str,
+    num_tasks: int,
+    num_particles: int,
+    *,
+    kernel_space: str = "parameter",
+    features: Callable | None = None,
+    weighting: str = "stein",
+    repulsion: float = 1.0,
+    normalize_grads: bool = False,
+    preferences=None,
+    pareto_warmup_steps: int = 100,
+    ls_weights: str = "uniform",
+    solver: str = "auto",
+) -> Method:
+    """Build a :class:`Method`.
+
+    Args:
+      name: one of :data:`METHODS`.
+      num_tasks: K.
+      num_particles: M, networks per particle set (single-task trains K sets of M).
+      kernel_space: ``"parameter"`` (default) or ``"function"`` for ``mtsgd`` /
+        ``moo_svgd``; ``"function"`` needs ``features``.
+      features: ``features(params, **extra_args) -> (M, p)`` for the
+        function-space kernel (see :func:`mtsgd_jax.training.function_features`).
+      weighting: MT-SGD's ``weighting`` (``"stein"``, ``"normalized"``, ``"score"``).
+      repulsion: MOO-SVGD's repulsion weight.
+      normalize_grads: unit-norm task gradients in the QPs of ``moo_svgd``,
+        ``mgda`` and ``pareto_mtl``.
+      preferences: (M, K) preference vectors for ``pareto_mtl`` (default evenly
+        spread, :func:`~mtsgd_jax.transforms.pareto_mtl_preferences`).
+      pareto_warmup_steps: length of Pareto MTL's initial phase, in steps.
+      ls_weights: ``"uniform"`` (every network descends the mean loss) or
+        ``"spread"`` (network m descends with the preference vector m of
+        :func:`~mtsgd_jax.transforms.preference_vectors`).
+      solver: QP backend for the min-norm problems (``"auto"``: exact for small sizes).
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {METHODS}.")
+    if kernel_space not in KERNEL_SPACES:
+        raise ValueError(f"kernel_space must be one of {KERNEL_SPACES}, got {kernel_space!r}.")
+    k, m = int(num_tasks), int(num_particles)
+    if k < 1 or m < 1:
+        raise ValueError(f"make_method: need num_tasks >= 1 and num_particles >= 1, got {k} and {m}.")
+    kernel_method = name in ("mtsgd", "moo_svgd")
+    feats = None
+    if kernel_method and kernel_space == "function":
+        if features is None:
+            raise ValueError(f"{name}: kernel_space='function' needs features=(params, **extra_args) -> (M, p).")
+        feats = features
+    if name == "mtsgd":
+        t = mtsgd(k, solver=solver, weighting=weighting, features=feats)
+        return Method(name, t, m, k, kernel_space=kernel_space)
+    if name == "moo_svgd":
+        t = moo_svgd(k, features=feats, repulsion=repulsion, solver=solver, normalize_grads=normalize_grads)
+        return Method(name, t, m, k, kernel_space=kernel_space)
+    if name == "mgda":
+        return Method(name, mgda(k, solver=solver, normalize_grads=normalize_grads), m, k)
+    if name == "pareto_mtl":
+        t = pareto_mtl(k, preferences, warmup_steps=pareto_warmup_steps, normalize_grads=normalize_grads, solver=solver)
+        return Method(name, t, m, k)
+    if name == "linear_scalarization":
+        if ls_weights == "uniform":
+            w = np.full((m, k), 1.0 / k)
+        elif ls_weights == "spread":
+            w = np.asarray(preference_vectors(m, k), dtype=float)
+        else:
+            raise ValueError(f"ls_weights must be 'uniform' or 'spread', got {ls_weights!r}.")
+        return Method(name, optax.identity(), m, k, scalarization=w)
+    # single_task: K independent sets of M networks, set k on task k.
+    assignment = np.repeat(np.arange(k), m)
+    w = np.eye(k)[assignment]
+    return Method(name, optax.identity(), k * m, k, scalarization=w, assignment=assignment)
+
+
+def make_optimizer(name: str, lr: float, *, momentum: float = 0.9) -> optax.GradientTransformation:
+    """The optimiser that descends the method's direction.
+
+    Args:
+      name: ``"sgd"`` (plain), ``"momentum"`` (SGD with ``momentum``, heavy ball)
+        or ``"adam"`` (default betas).
+      lr: learning rate > 0.
+    """
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"learning rate must be a positive number, got {lr!r}.")
+    if name == "sgd":
+        return optax.sgd(lr)
+    if name == "momentum":
+        return optax.sgd(lr, momentum=momentum)
+    if name == "adam":
+        return optax.adam(lr)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")

@@ -1,0 +1,517 @@
+"""Training a particle set of networks on a multi-task problem, with one jitted step.
+
+:class:`Trainer` ties a :class:`~mtsgd_jax.training.Task`, a
+:class:`~mtsgd_jax.training.Method` and an optimiser together:
+
+* **the step** (:meth:`Trainer.step`, ONE ``jax.jit``-compiled function): every
+  network's forward pass on the batch (particles vmapped), its K per-task
+  losses and their gradients (K VJPs of one forward pass; one VJP of the
+  scalarised loss for linear scalarisation / single-task), the method's
+  transformation (which also receives ``losses=`` (K, P), ``inputs=`` and
+  ``model_state=`` as extra arguments), the optimiser, the parameter update,
+  and the new batch-norm statistics (ResNet);
+* **evaluation** (:meth:`Trainer.evaluate`): per-particle and ensemble
+  (mean of the particles' probabilities) metrics per task: accuracy, Brier
+  score, ECE (10 bins) and NLL for classification; MSE for regression.
+  Single-task training evaluates each task's own particle set on that task;
+* **the loop** (:meth:`Trainer.fit`): epochs of deterministic shuffled
+  mini-batches (order from ``(seed, epoch)``; the last partial batch is dropped
+  so the step compiles once), a tqdm bar per epoch, one JSON line per epoch
+  (epoch, train loss per task, evaluation metrics, seconds), and orbax
+  checkpoints at epoch ends; ``resume=True`` continues from the last one and
+  reproduces the uninterrupted run.
+
+:func:`train` builds everything from names (what ``mtsgd train`` calls).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mtsgd_jax.metrics.calibration import brier_score, expected_calibration_error
+from mtsgd_jax.models import init_ensemble
+from mtsgd_jax.training import checkpoint as _ckpt
+from mtsgd_jax.training.methods import Method, make_method, make_optimizer
+from mtsgd_jax.training.tasks import Task, make_task
+
+__all__ = [
+    "TrainState",
+    "TrainResult",
+    "Trainer",
+    "build_method",
+    "function_features",
+    "summary_rows",
+    "summary_table",
+    "train",
+]
+
+PyTree = Any
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training: ``params`` (leaves (P, ...)), the
+    non-parameter collections ``model_state`` (e.g. ``{"batch_stats": ...}``,
+    leaves (P, ...); ``{}`` without batch norm) and the optimiser state."""
+
+    params: PyTree
+    model_state: dict
+    opt_state: PyTree
+
+
+class TrainResult(NamedTuple):
+    """What :meth:`Trainer.fit` returns.
+
+    Attributes:
+      state: the final :class:`TrainState`.
+      history: one dict per epoch (what the JSON-lines log holds).
+      metrics: the final evaluation (see :meth:`Trainer.evaluate`).
+      outputs: the final evaluation outputs (``probs`` (P, N, K, C) or
+        ``predictions`` (P, N, K), and ``targets`` (N, K)) when requested, else None.
+    """
+
+    state: TrainState
+    history: list
+    metrics: dict
+    outputs: dict | None
+
+
+def function_features(task: Task, num_examples: int | None = None) -> Callable:
+    """Feature map of the function-space kernel: each network's outputs on the current batch.
+
+    Returns ``features(params, *, inputs, model_state=None, **_) -> (P, p)``:
+    row p is network p's log-probabilities (classification) or predictions
+    (regression) on ``inputs`` (the batch, passed by the trainer as an extra
+    argument), flattened; with ``num_examples`` only the batch's first
+    ``num_examples`` inputs are used (cheaper). Batch-norm networks run in
+    training mode (batch statistics), like the loss.
+    """
+
+    def features(params, *, inputs=None, model_state=None, **_):
+        if inputs is None:
+            raise ValueError("function-space kernel: the update needs the batch, extra argument inputs=x.")
+        x = inputs if num_examples is None else inputs[:num_examples]
+
+        def one(p, s):
+            out, _ = task.forward(p, s, x, train=True)
+            return task.function_outputs(out)
+
+        return jax.vmap(one)(params, model_state or {})
+
+    return features
+
+
+def build_method(
+    task: Task,
+    name: str,
+    num_particles: int,
+    *,
+    kernel_space: str = "parameter",
+    feature_examples: int | None = None,
+    **options,
+) -> Method:
+    """:func:`~mtsgd_jax.training.make_method` for ``task``, with the function-space features built in."""
+    feats = function_features(task, feature_examples) if kernel_space == "function" else None
+    return make_method(name, task.num_tasks, num_particles, kernel_space=kernel_space, features=feats, **options)
+
+
+def _task_weights(method: Method) -> np.ndarray:
+    """(K, P) rows averaging over the particles that serve each task."""
+    k, p = method.num_tasks, method.num_particles
+    if method.assignment is None:
+        return np.full((k, p), 1.0 / p)
+    a = (np.asarray(method.assignment)[None, :] == np.arange(k)[:, None]).astype(float)
+    return a / a.sum(axis=1, keepdims=True)
+
+
+class Trainer:
+    """Train a particle set of ``task.model`` networks with ``method`` (see the module docstring).
+
+    Args:
+      task: a :class:`~mtsgd_jax.training.Task`.
+      method: a :class:`~mtsgd_jax.training.Method` (P networks).
+      optimizer: an optax transformation descending the method's direction
+        (e.g. :func:`~mtsgd_jax.training.make_optimizer`); default the task's.
+      batch_size: training batch size (default the task's).
+      eval_batch_size: evaluation batch size (default ``max(batch_size, 256)``).
+      key_impl: PRNG implementation of the initialisation key (e.g. ``"rbg"``,
+        which compiles faster on CPU); default JAX's.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        method: Method,
+        optimizer: optax.GradientTransformation | None = None,
+        *,
+        batch_size: int | None = None,
+        eval_batch_size: int | None = None,
+        key_impl: str | None = None,
+    ):
+        if method.num_tasks != task.num_tasks:
+            raise ValueError(f"method has K={method.num_tasks} tasks but task {task.name!r} has K={task.num_tasks}.")
+        self.task = task
+        self.method = method
+        if optimizer is None:
+            optimizer = make_optimizer(task.defaults.optimizer, task.defaults.lr)
+        self.optimizer = optimizer
+        self.tx = optax.chain(method.transform, optimizer)
+        self.batch_size = int(batch_size or task.defaults.batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        if len(task.train_data) < self.batch_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} exceeds the {len(task.train_data)} training examples "
+                "(the last partial batch is dropped, so an epoch would be empty)."
+            )
+        self.eval_batch_size = int(eval_batch_size or max(self.batch_size, 256))
+        self.key_impl = key_impl
+        self._task_weights = _task_weights(method)
+        self.step = jax.jit(self._step)
+        self._predict = jax.jit(self._predict_fn)
+
+    # ------------------------------------------------------------------ state
+
+    def init(self, seed: int = 0) -> TrainState:
+        """Initialise P networks (keys split from ``seed``) and the optimiser state."""
+        key = jax.random.key(int(seed)) if self.key_impl is None else jax.random.key(int(seed), impl=self.key_impl)
+        ens = init_ensemble(
+            self.task.model, key, self.method.num_particles, self.task.sample_input, **self.task.init_kwargs()
+        )
+        return TrainState(ens.params, dict(ens.state), self.tx.init(ens.params))
+
+    # ------------------------------------------------------------------ the step
+
+    def _losses_and_grads(self, params, model_state, x, y):
+        task, k = self.task, self.task.num_tasks
+        scal = self.method.scalarization
+
+        def one(p, s, w):
+            def f(q):
+                out, new_s = task.forward(q, s, x, train=True)
+                return task.per_task_losses(out, y), new_s
+
+            values, vjp, new_s = jax.vjp(f, p, has_aux=True)
+            if w is None:
+                grads = jax.vmap(vjp)(jnp.eye(k, dtype=values.dtype))[0]  # leaves (K, ...)
+            else:
+                grads = vjp(w.astype(values.dtype))[0]  # leaves like p
+            return values, grads, new_s
+
+        if scal is None:
+            values, grads, new_state = jax.vmap(lambda p, s: one(p, s, None))(params, model_state)
+            grads = jax.tree_util.tree_map(lambda g: jnp.swapaxes(g, 0, 1), grads)  # (K, P, ...)
+        else:
+            values, grads, new_state = jax.vmap(one)(params, model_state, jnp.asarray(scal, jnp.float32))
+        return values.T, grads, new_state
+
+    def _step(self, state: TrainState, x, y):
+        """One training step: ``(state, x, y) -> (new_state, per-task losses (K, P) before the step)``."""
+        values, grads, new_model_state = self._losses_and_grads(state.params, state.model_state, x, y)
+        updates, opt_state = self.tx.update(
+            grads, state.opt_state, state.params, losses=values, inputs=x, model_state=state.model_state
+        )
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, new_model_state, opt_state), values
+
+    def train_epoch(self, state: TrainState, *, seed: int, epoch: int, progress: bool = False):
+        """One epoch: ``(state, train loss per task (K,), seconds, steps)``.
+
+        The training loss of task k is its mean over the epoch's batches and over
+        the particles serving task k, measured before each step.
+        """
+        data = self.task.train_data
+        n_batches = len(data) // self.batch_size
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}", unit="batch", leave=False)
+        start = time.perf_counter()
+        acc = []
+        for x, y in data.batches(self.batch_size, seed=seed, epoch=epoch, drop_last=True):
+            state, values = self.step(state, x, y)
+            acc.append(values)
+            if bar is not None:
+                bar.update(1)
+        jax.block_until_ready(state)
+        seconds = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        values = np.asarray(jnp.stack(acc)).astype(np.float64)  # (B, K, P)
+        train_loss = np.einsum("bkp,kp->k", values, self._task_weights) / len(acc)
+        return state, train_loss, seconds, len(acc)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _predict_fn(self, params, model_state, x):
+        def one(p, s):
+            out, _ = self.task.forward(p, s, x, train=False)
+            return self.task.predict(out)
+
+        return jax.vmap(one)(params, model_state)
+
+    def predict(self, state: TrainState, data=None) -> dict:
+        """Every network's outputs on ``data`` (default the task's evaluation set), in order.
+
+        Returns ``{"probs": (P, N, K, C), "targets": (N, K)}`` (classification) or
+        ``{"predictions": (P, N, K), "targets": (N, K)}`` (regression), numpy.
+        """
+        data = self.task.eval_data if data is None else data
+        outs, targets = [], []
+        for x, y in data.batches(self.eval_batch_size, seed=0, epoch=0, shuffle=False):
+            outs.append(np.asarray(self._predict(state.params, state.model_state, x)))
+            targets.append(np.asarray(y))
+        key = "probs" if self.task.kind == "classification" else "predictions"
+        return {key: np.concatenate(outs, axis=1), "targets": np.concatenate(targets, axis=0)}
+
+    def metrics_from_outputs(self, outputs: dict) -> dict:
+        """Per-task and averaged metrics from :meth:`predict`'s outputs (see :meth:`evaluate`)."""
+        task, method = self.task, self.method
+        y = outputs["targets"]
+        per_task = {}
+        for t, name in enumerate(task.task_names):
+            parts = np.arange(method.num_particles) if method.assignment is None else np.flatnonzero(method.assignment == t)
+            if task.kind == "classification":
+                probs = outputs["probs"][parts, :, t, :].astype(np.float64)  # (P_t, N, C)
+                labels = y[:, t].astype(np.int64)
+                particle_acc = np.mean(np.argmax(probs, -1) == labels[None, :], axis=1)
+                ens = probs.mean(axis=0)
+                nll = -np.mean(np.log(np.maximum(ens[np.arange(len(labels)), labels], 1e-12)))
+                per_task[name] = {
+                    "particle_accuracy": particle_acc.tolist(),
+                    "mean_particle_accuracy": float(particle_acc.mean()),
+                    "ensemble_accuracy": float(np.mean(np.argmax(ens, -1) == labels)),
+                    "brier": float(brier_score(ens, labels)),
+                    "ece": float(expected_calibration_error(ens, labels, 10)),
+                    "nll": float(nll),
+                }
+            else:
+                preds = outputs["predictions"][parts, :, t].astype(np.float64)  # (P_t, N)
+                target = y[:, t].astype(np.float64)
+                particle_mse = np.mean((preds - target[None, :]) ** 2, axis=1)
+                per_task[name] = {
+                    "particle_mse": particle_mse.tolist(),
+                    "mean_particle_mse": float(particle_mse.mean()),
+                    "ensemble_mse": float(np.mean((preds.mean(axis=0) - target) ** 2)),
+                }
+        keys = [k for k in next(iter(per_task.values())) if k not in ("particle_accuracy", "particle_mse")]
+        summary = {k: float(np.mean([v[k] for v in per_task.values()])) for k in keys}
+        return {"tasks": per_task, **summary}
+
+    def evaluate(self, state: TrainState, *, return_outputs: bool = False):
+        """Metrics on the evaluation set.
+
+        Classification, per task: ``particle_accuracy`` (one per particle serving
+        the task), ``mean_particle_accuracy``, and for the ensemble prediction
+        (mean of those particles' probabilities) ``ensemble_accuracy``,
+        ``brier``, ``ece`` (10 equal-width bins) and ``nll``. Regression:
+        ``particle_mse``, ``mean_particle_mse`` and ``ensemble_mse`` (of the
+        mean prediction). Returned as ``{"tasks": {name: {...}}, <metric>: mean
+        over tasks, ...}``; with ``return_outputs`` also :meth:`predict`'s outputs.
+        """
+        outputs = self.predict(state)
+        metrics = self.metrics_from_outputs(outputs)
+        return (metrics, outputs) if return_outputs else metrics
+
+    # ------------------------------------------------------------------ the loop
+
+    def config(self) -> dict:
+        """A JSON description of the run (stored with checkpoints, checked on resume)."""
+        return {
+            "task": self.task.name,
+            "method": self.method.name,
+            "num_particles": self.method.num_particles,
+            "num_tasks": self.method.num_tasks,
+            "kernel_space": self.method.kernel_space,
+            "batch_size": self.batch_size,
+            "num_train": len(self.task.train_data),
+            "num_eval": len(self.task.eval_data),
+        }
+
+    def fit(
+        self,
+        epochs: int,
+        *,
+        seed: int = 0,
+        out_dir: str | os.PathLike | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        eval_every: int = 1,
+        checkpoint: bool = True,
+        return_outputs: bool = False,
+        state: TrainState | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> TrainResult:
+        """Train for ``epochs`` epochs (in all, counting those resumed from).
+
+        Args:
+          epochs: total number of epochs.
+          seed: initialisation and mini-batch-order seed.
+          out_dir: where ``metrics.jsonl`` (one JSON object per epoch) and
+            ``checkpoints/`` (orbax, at every epoch end) go; None writes nothing.
+          resume: continue from the last checkpoint in ``out_dir`` (same
+            configuration required); without one, start afresh. When False, an
+            existing ``checkpoints/`` and ``metrics.jsonl`` in ``out_dir`` are replaced.
+          progress: a tqdm bar per epoch.
+          eval_every: evaluate every this many epochs (and always after the last).
+          checkpoint: save checkpoints (needs ``out_dir``).
+          return_outputs: keep the final evaluation outputs in the result.
+          state: start from this state instead of a fresh :meth:`init` (seed).
+          log: called with one line per epoch (e.g. ``print``); default silent.
+
+        Returns:
+          :class:`TrainResult`.
+        """
+        if epochs < 0:
+            raise ValueError(f"epochs must be non-negative, got {epochs}.")
+        ckpt_dir = log_path = None
+        if out_dir is not None:
+            os.makedirs(out_dir, exist_ok=True)
+            ckpt_dir = os.path.join(out_dir, "checkpoints")
+            log_path = os.path.join(out_dir, "metrics.jsonl")
+        config = {**self.config(), "seed": int(seed)}
+        state = self.init(seed) if state is None else state
+        history: list = []
+        start_epoch = 0
+        if resume and ckpt_dir is not None:
+            found = _ckpt.read_checkpoint_meta(ckpt_dir)
+            if found is not None:
+                saved_cfg = found[1].get("config", {})
+                diff = {k: (saved_cfg.get(k), v) for k, v in config.items() if saved_cfg.get(k) != v}
+                if diff:
+                    raise ValueError(
+                        f"cannot resume from {ckpt_dir}: the checkpoint was written by another configuration "
+                        f"(saved, requested): {diff}."
+                    )
+                saved_epoch, tree, meta = _ckpt.restore_checkpoint(ckpt_dir, state._asdict())
+                state = TrainState(**tree)
+                history = list(meta.get("history", []))
+                start_epoch = int(saved_epoch)
+        elif ckpt_dir is not None and checkpoint:
+            _ckpt.clear_checkpoints(ckpt_dir)
+        if log_path is not None:
+            with open(log_path, "w") as f:  # the log always matches the state we continue from
+                for rec in history:
+                    f.write(json.dumps(rec) + "\n")
+        metrics, outputs = (history[-1].get("eval") if history else None), None
+        for epoch in range(start_epoch, epochs):
+            state, train_loss, seconds, steps = self.train_epoch(state, seed=seed, epoch=epoch, progress=progress)
+            rec = {
+                "epoch": epoch + 1,
+                "train_loss": dict(zip(self.task.task_names, map(float, train_loss))),
+                "seconds": seconds,
+                "steps": steps,
+            }
+            last = epoch + 1 == epochs
+            if last or (epoch + 1) % eval_every == 0:
+                t0 = time.perf_counter()
+                if last and return_outputs:
+                    metrics, outputs = self.evaluate(state, return_outputs=True)
+                else:
+                    metrics = self.evaluate(state)
+                rec["eval_seconds"] = time.perf_counter() - t0
+                rec["eval"] = metrics
+            history.append(rec)
+            if log_path is not None:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            if ckpt_dir is not None and checkpoint:
+                _ckpt.save_checkpoint(
+                    ckpt_dir, epoch + 1, state._asdict(), {"epoch": epoch + 1, "config": config, "history": history}
+                )
+            if log is not None:
+                log(_epoch_line(self.task, rec))
+        if return_outputs and outputs is None:
+            metrics, outputs = self.evaluate(state, return_outputs=True)
+        elif metrics is None:
+            metrics = self.evaluate(state)
+        return TrainResult(state, history, metrics, outputs)
+
+
+def _epoch_line(task: Task, rec: dict) -> str:
+    losses = " ".join(f"{v:.4f}" for v in rec["train_loss"].values())
+    line = f"epoch {rec['epoch']:4d}  train loss [{losses}]  {rec['seconds']:.1f}s"
+    ev = rec.get("eval")
+    if ev is not None:
+        if task.kind == "classification":
+            line += f"  ensemble acc {ev['ensemble_accuracy']:.4f}  particle acc {ev['mean_particle_accuracy']:.4f}"
+        else:
+            line += f"  ensemble mse {ev['ensemble_mse']:.4f}  particle mse {ev['mean_particle_mse']:.4f}"
+    return line
+
+
+def summary_rows(task: Task, metrics: dict) -> tuple[list[str], list[list]]:
+    """Header and rows (one per task, then the mean) of the final metrics."""
+    if task.kind == "classification":
+        header = ["task", "particle acc", "ensemble acc", "brier", "ece", "nll"]
+        keys = ["mean_particle_accuracy", "ensemble_accuracy", "brier", "ece", "nll"]
+    else:
+        header = ["task", "particle mse", "ensemble mse"]
+        keys = ["mean_particle_mse", "ensemble_mse"]
+    rows = [[name] + [float(m[k]) for k in keys] for name, m in metrics["tasks"].items()]
+    rows.append(["mean"] + [float(metrics[k]) for k in keys])
+    return header, rows
+
+
+def summary_table(task: Task, metrics: dict) -> str:
+    """Plain-text table of :func:`summary_rows`."""
+    from mtsgd_jax.experiments._report import format_table
+
+    return format_table(*summary_rows(task, metrics))
+
+
+def train(
+    task: str | Task = "multi-digits",
+    method: str = "mtsgd",
+    *,
+    num_particles: int = 5,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    optimizer: str | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    kernel_space: str = "parameter",
+    data_dir=None,
+    num_train: int | None = None,
+    num_eval: int | None = None,
+    out_dir=None,
+    resume: bool = False,
+    progress: bool = True,
+    eval_every: int = 1,
+    key_impl: str | None = None,
+    method_options: dict | None = None,
+    task_options: dict | None = None,
+    log: Callable[[str], None] | None = None,
+    return_outputs: bool = False,
+) -> tuple[Trainer, TrainResult]:
+    """Build the task, method and optimiser from names and run :meth:`Trainer.fit`.
+
+    ``None`` for ``epochs``, ``batch_size``, ``optimizer`` or ``lr`` takes the
+    task's default (:class:`~mtsgd_jax.training.TaskDefaults`). Returns
+    ``(trainer, result)``. Data errors (``FileNotFoundError``,
+    :class:`~mtsgd_jax.data.DataFormatError`) propagate from :func:`make_task`.
+    """
+    if isinstance(task, str):
+        task = make_task(task, data_dir, num_train=num_train, num_eval=num_eval, **(task_options or {}))
+    m = build_method(task, method, num_particles, kernel_space=kernel_space, **(method_options or {}))
+    opt = make_optimizer(optimizer or task.defaults.optimizer, lr if lr is not None else task.defaults.lr)
+    trainer = Trainer(task, m, opt, batch_size=batch_size, key_impl=key_impl)
+    result = trainer.fit(
+        task.defaults.epochs if epochs is None else epochs,
+        seed=seed,
+        out_dir=out_dir,
+        resume=resume,
+        progress=progress,
+        eval_every=eval_every,
+        return_outputs=return_outputs,
+        log=log,
+    )
+    return trainer, result

@@ -1,0 +1,227 @@
+"""The multi-task trainer: the jitted step of every method, function-space kernels, single-task
+training, scalarised gradients, checkpoint / resume. (The end-to-end run on Multi-Digits that must
+beat chance is in test_cli_train.py: it goes through ``mtsgd train``.)
+
+Compilation dominates the cost, so one Trainer per method is built once (module fixture) and
+shared by the tests; the networks are tiny LeNets on 16 x 16 inputs with M = 2.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+import optax
+import pytest
+
+from mtsgd_jax.models import MultiHeadLeNet, SarcosMLP
+from mtsgd_jax.training import (
+    METHODS,
+    ArrayDataset,
+    Task,
+    TaskDefaults,
+    Trainer,
+    build_method,
+    function_features,
+    make_method,
+    make_optimizer,
+    make_task,
+    summary_table,
+)
+
+M = 2
+BATCH = 4
+
+
+def _tiny_lenet_task():
+    rng = np.random.default_rng(0)
+    x = rng.random((12, 16, 16, 1), dtype=np.float32)
+    y = rng.integers(0, 10, (12, 2)).astype(np.int32)
+    return Task(
+        name="tiny-lenet",
+        model=MultiHeadLeNet(num_tasks=2, num_classes=10),
+        kind="classification",
+        task_names=("a", "b"),
+        num_classes=10,
+        train_data=ArrayDataset(x[:8], y[:8]),
+        eval_data=ArrayDataset(x[8:], y[8:]),
+        sample_input=np.zeros((1, 16, 16, 1), np.float32),
+        defaults=TaskDefaults("sgd", 1e-2, BATCH, 1),
+    )
+
+
+@pytest.fixture(scope="module")
+def task():
+    return _tiny_lenet_task()
+
+
+_TRAINERS = {}
+
+
+def _trainer(task, name, kernel_space="parameter", optimizer=None):
+    key = (name, kernel_space)
+    if key not in _TRAINERS:
+        method = build_method(task, name, M, kernel_space=kernel_space)
+        _TRAINERS[key] = Trainer(task, method, optimizer or make_optimizer("adam", 1e-2), batch_size=BATCH, key_impl="rbg")
+    return _TRAINERS[key]
+
+
+def _batch(task):
+    return task.train_data.x[:BATCH], task.train_data.y[:BATCH]
+
+
+# MOO-SVGD runs with the function-space kernel here, MT-SGD with both (see test_function_space_kernel).
+KERNEL_SPACE = {"moo_svgd": "function"}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_train_step_is_one_jitted_function_for_every_method(task, name):
+    tr = _trainer(task, name, KERNEL_SPACE.get(name, "parameter"))
+    p = tr.method.num_particles
+    assert p == (2 * M if name == "single_task" else M)
+    state = tr.init(0)
+    x, y = _batch(task)
+    new, values = tr.step(state, x, y)
+    new, values2 = tr.step(new, x, y)
+    assert tr.step._cache_size() == 1  # the second call reused the compiled step
+    assert values.shape == (2, p)
+    assert np.all(np.isfinite(np.asarray(values2)))
+    # every network moved; nothing became non-finite; dtypes kept
+    moved = jax.tree_util.tree_map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).reshape(p, -1).max(1), state.params, new.params)
+    assert np.all(np.max(np.stack(jax.tree_util.tree_leaves(moved)), axis=0) > 0)
+    for old, leaf in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(new.params)):
+        assert leaf.dtype == old.dtype and bool(jnp.all(jnp.isfinite(leaf)))
+    if name not in ("pareto_mtl", "moo_svgd"):
+        # Two Adam steps on one batch lower the mean loss. Not asserted for Pareto MTL (its initial
+        # phase descends the violated constraints only) nor for function-space MOO-SVGD (its
+        # repulsion, pulled back from 80 outputs, outweighs the mean-loss gradients of 2 networks).
+        assert float(values2.mean()) < float(values.mean())
+
+
+def test_single_task_sets_train_only_their_own_task(task):
+    tr = _trainer(task, "single_task")
+    assert tr.method.assignment.tolist() == [0, 0, 1, 1]
+    state = tr.init(0)
+    new, _ = tr.step(state, *_batch(task))
+    before = np.asarray(state.params["heads"]["kernel"])  # (P, 50, T, C)
+    after = np.asarray(new.params["heads"]["kernel"])
+    for p, t in enumerate(tr.method.assignment):
+        assert np.any(after[p, :, t] != before[p, :, t])  # its own head moved
+        np.testing.assert_array_equal(after[p, :, 1 - t], before[p, :, 1 - t])  # the other head did not
+    metrics = tr.evaluate(new)
+    for t, name in enumerate(task.task_names):
+        assert len(metrics["tasks"][name]["particle_accuracy"]) == M  # each task: its own set only
+
+
+def test_function_space_kernel(task):
+    feats = function_features(task)
+    tr = _trainer(task, "mtsgd", kernel_space="function")
+    assert tr.method.kernel_space == "function"
+    state = tr.init(0)
+    x, y = _batch(task)
+    f = feats(state.params, inputs=x, losses=jnp.zeros((2, M)))
+    assert f.shape == (M, BATCH * 2 * 10)
+    np.testing.assert_allclose(np.asarray(jnp.exp(f).reshape(M, BATCH, 2, 10).sum(-1)), 1.0, rtol=1e-5)  # log-probs
+    new, values = tr.step(state, x, y)
+    assert np.all(np.isfinite(np.asarray(values)))
+    diff = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params, new.params)
+    assert max(jax.tree_util.tree_leaves(diff)) > 0
+    for name in ("mtsgd", "moo_svgd"):
+        with pytest.raises(ValueError, match="needs features"):
+            make_method(name, 2, M, kernel_space="function")
+
+
+def test_scalarised_gradient_equals_the_linear_scalarization_transform():
+    """One VJP of sum_k w_k L_k (what linear scalarisation / single-task compute) equals the
+    library's linear_scalarization transform applied to the K per-task gradients."""
+    from mtsgd_jax.transforms import linear_scalarization, preference_vectors
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(8, 3)).astype(np.float32)
+    y = rng.normal(size=(8, 2)).astype(np.float32)
+    task = Task("tiny-mlp", SarcosMLP(num_inputs=3, hidden=(4,), num_outputs=2), "regression", ("u", "v"), None,
+                ArrayDataset(x, y), ArrayDataset(x, y), np.zeros((1, 3), np.float32))
+    ls = Trainer(task, make_method("linear_scalarization", 2, 3, ls_weights="spread"), optax.sgd(0.1), batch_size=8, key_impl="rbg")
+    per_task = Trainer(task, make_method("mgda", 2, 3), optax.sgd(0.1), batch_size=8, key_impl="rbg")
+    state = ls.init(0)
+    _, g_scal, _ = jax.jit(ls._losses_and_grads)(state.params, state.model_state, x, y)
+    values, g_tasks, _ = jax.jit(per_task._losses_and_grads)(state.params, state.model_state, x, y)
+    t = linear_scalarization(2, preference_vectors(3, 2))
+    expected, _ = t.update(g_tasks, t.init(state.params), state.params)
+    for a, b in zip(jax.tree_util.tree_leaves(g_scal), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # the regression metrics
+    metrics = per_task.evaluate(state)
+    assert set(metrics["tasks"]) == {"u", "v"} and len(metrics["tasks"]["u"]["particle_mse"]) == 3
+    mean_pred = np.asarray(per_task.predict(state)["predictions"]).mean(0)
+    np.testing.assert_allclose(metrics["tasks"]["v"]["ensemble_mse"], np.mean((mean_pred[:, 1] - y[:, 1]) ** 2), rtol=1e-5)
+    assert "ensemble mse" in summary_table(task, metrics)
+
+
+def test_checkpoint_resume_reproduces_the_uninterrupted_run(task, tmp_path):
+    tr = _trainer(task, "pareto_mtl")  # Adam state + the method's own (bool, int) state
+    straight = tr.fit(2, seed=3, out_dir=tmp_path / "a", progress=False)
+    first = tr.fit(1, seed=3, out_dir=tmp_path / "b", progress=False)
+    assert len(first.history) == 1
+    resumed = tr.fit(2, seed=3, out_dir=tmp_path / "b", resume=True, progress=True)
+    for a, b in zip(jax.tree_util.tree_leaves(straight.state), jax.tree_util.tree_leaves(resumed.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    lines = [json.loads(s) for s in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["epoch"] for rec in lines] == [1, 2]
+    assert set(lines[-1]) >= {"epoch", "train_loss", "eval", "seconds", "steps"}
+    assert set(lines[-1]["train_loss"]) == {"a", "b"}
+    ev = lines[-1]["eval"]
+    for key in ("ensemble_accuracy", "mean_particle_accuracy", "brier", "ece", "nll"):
+        assert key in ev and key in ev["tasks"]["a"]
+    assert lines[-1]["eval"] == straight.history[-1]["eval"]
+    # a checkpoint from another configuration is refused
+    other = _trainer(task, "mgda")
+    with pytest.raises(ValueError, match="another configuration"):
+        other.fit(2, seed=3, out_dir=tmp_path / "b", resume=True, progress=False)
+
+
+def test_registry_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown task"):
+        make_task("mnist-3")
+    with pytest.raises(FileNotFoundError, match="sarcos_inv.mat"):
+        make_task("sarcos", tmp_path)
+    with pytest.raises(FileNotFoundError, match="list_attr_celeba.txt"):
+        make_task("celeba", tmp_path)
+    with pytest.raises(FileNotFoundError, match="mnist"):
+        make_task("multi-mnist", tmp_path)
+    with pytest.raises(ValueError, match="unknown method"):
+        make_method("gradnorm", 2, 3)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        make_optimizer("rmsprop", 1e-3)
+
+
+class _TinyBN(nn.Module):
+    """Dense + batch norm + 2 two-way heads: the batch-norm path of the ResNet task, in miniature."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        h = nn.Dense(4)(x.reshape((x.shape[0], -1)))
+        h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.5)(h))
+        return nn.Dense(2 * 2)(h).reshape((-1, 2, 2))
+
+
+def test_batch_norm_statistics_are_trained_and_used_per_particle():
+    rng = np.random.default_rng(2)
+    x = (rng.normal(size=(8, 3)) * 3 + 5).astype(np.float32)
+    y = rng.integers(0, 2, (8, 2)).astype(np.int32)
+    task = Task("tiny-bn", _TinyBN(), "classification", ("a", "b"), 2, ArrayDataset(x, y), ArrayDataset(x, y),
+                np.zeros((1, 3), np.float32), batch_norm=True)
+    tr = Trainer(task, make_method("mgda", 2, 2), optax.sgd(0.1), batch_size=8, key_impl="rbg")
+    state = tr.init(0)
+    assert set(state.model_state) == {"batch_stats"}
+    new, _ = tr.step(state, x, y)
+    mean = np.asarray(new.model_state["batch_stats"]["BatchNorm_0"]["mean"])  # (P, 4)
+    assert mean.shape == (2, 4) and not np.allclose(mean, 0.0)
+    assert not np.allclose(mean[0], mean[1])  # each network keeps its own statistics
+    # evaluation uses the running averages (train=False): equal to a manual apply
+    probs = tr.predict(new)["probs"]
+    p0 = jax.tree_util.tree_map(lambda a: a[0], new.params)
+    s0 = jax.tree_util.tree_map(lambda a: a[0], new.model_state)
+    manual = jax.nn.softmax(task.model.apply({"params": p0, **s0}, x, train=False), -1)
+    np.testing.assert_allclose(probs[0], np.asarray(manual), rtol=1e-5, atol=1e-6)
