@@ -1,0 +1,92 @@
+"""The ZDT3 experiment (``mtsgd zdt``), end to end on a tiny configuration."""
+
+import json
+import math
+
+import jax.numpy as jnp
+import pytest
+
+from mtsgd_jax import cli
+from mtsgd_jax.experiments import zdt as exp
+
+
+@pytest.fixture
+def zdt_main(monkeypatch):
+    """``mtsgd_jax.cli.main`` with the ``zdt`` subcommand registered (whether or not _COMMANDS lists it yet)."""
+    monkeypatch.setattr(cli, "_COMMANDS", tuple(dict.fromkeys(cli._COMMANDS + ("zdt",))))
+    return cli.main
+
+
+def test_zdt_end_to_end(tmp_path, capsys, zdt_main):
+    out = tmp_path / "zdt3"
+    methods = ["mtsgd", "moo_svgd_obj:T=0.1,h=0.05"]
+    code = zdt_main(
+        ["zdt", "--out", str(out), "--seeds", "3", "--num-particles", "8", "--steps", "200", "--num-variables", "5",
+         "--trace-every", "100", "--methods", *methods, "--no-progress"]
+    )
+    assert code == 0
+    text = capsys.readouterr().out
+    assert all(m in text for m in methods) and "HV (1.1, 1.1)" in text
+    payload = json.loads((out / "zdt3.json").read_text())
+    cfg = payload["config"]
+    assert cfg["num_variables"] == 5 and cfg["num_particles"] == 8 and cfg["steps"] == 200 and cfg["seeds"] == [3]
+    assert cfg["reference_point"] == [1.1, 1.1] and cfg["published_reference_point"] == [0.99022638, 6.54635266]
+    assert set(payload["summary"]) == set(methods) == set(payload["methods"])
+    opt = payload["optimal"]
+    assert 1.3 < opt["hv"] < 1.35 and 6.5 < opt["hv_published"] < 6.55
+    for label, rec in payload["methods"].items():
+        (final,) = rec["final"]
+        for key in exp.METRICS:
+            assert math.isfinite(final[key]), (label, key)
+        assert 0.0 <= final["hv"] <= opt["hv"] + 1e-6
+        assert 0.0 <= final["hv_published"] <= opt["hv_published"] + 1e-6
+        assert final["igd"] >= final["igd_plus"] >= 0.0 and final["gd"] >= 0.0
+        assert 0 <= final["segments"] <= 5 and 1 <= final["non_dominated"] <= 8
+        (lo, hi), = rec["particle_range"]
+        assert exp.BOX[0] - 1e-7 <= lo <= hi <= exp.BOX[1] + 1e-7  # particles stayed in the box
+        objs = jnp.asarray(rec["final_objectives"])
+        assert objs.shape == (1, 8, 2) and bool(jnp.all(jnp.isfinite(objs)))
+        assert bool(jnp.all((objs[..., 0] >= 0.0) & (objs[..., 0] <= 1.0)))  # f1 = theta_1
+        assert rec["steps"] == [0, 100, 200]
+        assert set(rec["curves"]) == {"hv", "hv_published", "igd"}
+        for curve in rec["curves"].values():
+            assert len(curve["mean"]) == 3 and all(math.isfinite(v) for v in curve["mean"]) and curve["std"] == [0.0] * 3
+        assert rec["curves"]["hv"]["mean"][-1] == pytest.approx(final["hv"], abs=1e-5)
+        assert rec["curves"]["igd"]["mean"][-1] == pytest.approx(final["igd"], abs=1e-5)
+        assert len(rec["wall_s"]) == 1 and rec["wall_s"][0] > 0 and rec["compile_s"] > 0
+        s = payload["summary"][label]
+        assert s["hv"]["mean"] == pytest.approx(final["hv"]) and s["hv"]["std"] == 0.0
+    assert payload["methods"]["moo_svgd_obj:T=0.1,h=0.05"]["temperature"] == 0.1
+    for name in ("zdt3_fronts.png", "zdt3_hv.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_point_set_metrics_on_the_true_front():
+    front = exp.zdt("zdt3", 30).pareto_front(200)
+    m = exp.point_set_metrics(front, front)
+    assert m["igd"] == pytest.approx(0.0, abs=1e-12) and m["gd"] == pytest.approx(0.0, abs=1e-12)
+    assert m["igd_plus"] == pytest.approx(0.0, abs=1e-12)
+    assert m["segments"] == 5 and m["non_dominated"] == 200
+    assert 1.32 < m["hv"] < 1.3318 + 1e-9
+
+
+def test_method_specs():
+    spec = exp.parse_method("moo_svgd_obj:T=0.01,h=0.03,normalize=1")
+    assert spec.base == "moo_svgd" and spec.options == {"space": "objectives", "T": 0.01, "h": 0.03, "normalize": True}
+    assert exp.parse_method("mtsgd:weighting=normalized").options == {"weighting": "normalized"}
+    for bad in ("svgd", "mtsgd:T=0", "mtsgd:normalize=1", "linear:h=0.1", "mtsgd_obj:weighting=normalized", "mgda:T"):
+        with pytest.raises(ValueError):
+            exp.parse_method(bad)
+    f1, f2 = exp.tempered_log_probs("zdt3", 5, 0.1)
+    theta = jnp.full((5,), 0.3)
+    assert float(f1(theta)) == pytest.approx(-3.0, rel=1e-6)
+    assert exp.tempered_log_probs("zdt3", 5, 1.0) == exp.zdt("zdt3", 5).log_probs
+
+
+def test_cli_rejects_bad_arguments(zdt_main, capsys):
+    with pytest.raises(SystemExit):
+        zdt_main(["zdt", "--methods", "mtsgd:bogus=1"])
+    assert "bad option" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="multiple of --trace-every"):
+        zdt_main(["zdt", "--steps", "150", "--trace-every", "100"])
