@@ -52,12 +52,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 
 import matplotlib
@@ -73,6 +70,7 @@ import optax  # noqa: E402
 
 import mtsgd_jax  # noqa: E402
 from mtsgd_jax import mtsgd, sample, toy_problem  # noqa: E402
+from mtsgd_jax.experiments._report import machine_info  # noqa: E402
 from mtsgd_jax.stein import directions_from_terms, stein_terms_flat  # noqa: E402
 
 K = 3  # targets of the toy problem
@@ -156,24 +154,6 @@ def loadavg():
         return list(os.getloadavg())
     except OSError:
         return None
-
-
-def machine_info():
-    return {
-        "jax_version": jax.__version__,
-        "jaxlib_version": getattr(__import__("jaxlib"), "__version__", None),
-        "optax_version": optax.__version__,
-        "mtsgd_jax_version": mtsgd_jax.__version__,
-        "devices": [str(d) for d in jax.devices()],
-        "backend": jax.default_backend(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": sys.version.split()[0],
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "x64": bool(jax.config.jax_enable_x64),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def run(args):

@@ -20,7 +20,6 @@ without ``--host-devices``. Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -43,7 +42,6 @@ def main(argv=None):
     if args.host_devices:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.host_devices}").strip()
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import optax
     from jax.sharding import Mesh

@@ -27,6 +27,7 @@ MUST_HAVE_EXAMPLES = [
     "mtsgd_jax.transforms._moo_svgd",
     "mtsgd_jax.transforms._mgda",
     "mtsgd_jax.transforms._scalarization",
+    "mtsgd_jax.transforms._pareto_mtl",
     "mtsgd_jax.sampling",
 ]
 
@@ -45,7 +46,7 @@ def test_docstring_examples(name):
     assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"
 
 
-@pytest.mark.parametrize("package", ["mtsgd_jax", "mtsgd_jax.transforms", "mtsgd_jax.data", "mtsgd_jax.models", "mtsgd_jax.metrics", "mtsgd_jax.problems"])
+@pytest.mark.parametrize("package", ["mtsgd_jax", "mtsgd_jax.transforms", "mtsgd_jax.data", "mtsgd_jax.models", "mtsgd_jax.metrics", "mtsgd_jax.problems", "mtsgd_jax.training"])
 def test_every_public_name_is_documented(package):
     mod = importlib.import_module(package)
     assert (mod.__doc__ or "").strip(), f"{package} has no module docstring"

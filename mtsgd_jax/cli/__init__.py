@@ -14,7 +14,7 @@ import sys
 __all__ = ["main", "build_parser"]
 
 # Module names under mtsgd_jax.cli, in the order ``--help`` lists them.
-_COMMANDS: tuple[str, ...] = ("toy", "scaling")
+_COMMANDS: tuple[str, ...] = ("toy", "scaling", "zdt", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:
