@@ -470,6 +470,22 @@ def _blocked_median_bandwidth(z: Array, rows: _Rows, axis_name=None) -> Array:
     return scale / jnp.log(m + 1.0)
 
 
+def _repulsion(dk: Array, z: Array, z_rows: Array | None = None) -> Array:
+    """The SVGD repulsion ``R_m = sum_a grad_{z_a} k(z_a, z_m) = 2 sum_a kappa'_am (z_a - z_m)``.
+
+    Args:
+      dk: ``kappa'`` for the rows m (B, M), e.g. :attr:`KernelMatrices.dk`
+        (the matrix is symmetric, so row m holds the column m needs).
+      z: all M points, (M, p).
+      z_rows: the B points of those rows; default ``z`` (B = M).
+
+    Returns:
+      (B, p).
+    """
+    z_rows = z if z_rows is None else z_rows
+    return 2.0 * (jnp.matmul(dk, z) - jnp.sum(dk, axis=1)[:, None] * z_rows)
+
+
 def kernel_products(
     kernel: RadialKernel,
     z: Array,
@@ -515,8 +531,7 @@ def kernel_products(
     if axis_name is None and (block_size is None or block_size >= m_rows):
         km = kernel_matrices(kernel, z)
         kv = jnp.matmul(km.k.astype(vectors.dtype), vectors)
-        # R_m = sum_a 2 kappa'_am (z_a - z_m) = 2 (dk @ z)_m - 2 (sum_a dk_am) z_m
-        rep = 2.0 * (jnp.matmul(km.dk, z) - jnp.sum(km.dk, axis=1)[:, None] * z)
+        rep = _repulsion(km.dk, z)
         return KernelProducts(kv, rep, km.trace_sum, km.bandwidth)
 
     if axis_name is None:
@@ -539,8 +554,7 @@ def kernel_products(
         f, df, d2f = kernel.derivatives(u)
         dk = df / h
         kv = jnp.matmul(f.astype(v_all.dtype), v_all)
-        # The block holds rows a of the symmetric kappa' matrix; R_m needs column m, equal to row m.
-        rep = 2.0 * (jnp.matmul(dk, z_all) - jnp.sum(dk, axis=1)[:, None] * zb)
+        rep = _repulsion(dk, z_all, zb)
         tr = jnp.sum(jnp.where(valid[:, None], -2.0 * p * df - 4.0 * u * d2f, 0.0)) / h
         return kv, rep, tr
 

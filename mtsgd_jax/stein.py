@@ -185,7 +185,7 @@ def gram_terms_flat(x: Array, vectors: Array, kernel: _kernels.RadialKernel) -> 
 def direction_from_weighted(x: Array, weighted: Array, weight_sum: Array, km: _kernels.KernelMatrices) -> Array:
     """``(Kmat @ weighted + weight_sum * R) / M`` (M, d): ``sum_k w_k Phi_k`` when ``weighted = sum_k w_k S_k``."""
     m = x.shape[0]
-    rep = 2.0 * (jnp.matmul(km.dk, x) - jnp.sum(km.dk, axis=1)[:, None] * x)
+    rep = _kernels._repulsion(km.dk, x)
     return (jnp.matmul(km.k.astype(weighted.dtype), weighted) + weight_sum * rep) / m
 
 

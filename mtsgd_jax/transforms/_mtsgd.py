@@ -107,7 +107,7 @@ def _feature_step(g, x, spec, params, kernel, solve, warm_start, weighting, feat
         )
     z = jax.lax.stop_gradient(feats)
     km = _kernels.kernel_matrices(kernel, z)
-    rep_z = 2.0 * (jnp.matmul(km.dk, z) - jnp.sum(km.dk, axis=1)[:, None] * z)  # sum_a grad_{z_a} k(z_a, z_m)
+    rep_z = _kernels._repulsion(km.dk, z)  # sum_a grad_{z_a} k(z_a, z_m), in feature space
     rep, _ = flatten_particles(pullback(rep_z.astype(feats.dtype))[0], dtype=x.dtype)
     flat = g.reshape(k * m, d)
     vv = jnp.matmul(flat, flat.T).reshape(k, m, k, m)
