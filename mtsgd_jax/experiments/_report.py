@@ -76,17 +76,20 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def time_compiled(fn: Callable, args: tuple, repeats: int) -> tuple[float, list[float]]:
-    """AOT-compile ``jax.jit(fn)`` for ``args``; return (compile seconds, run seconds per repeat)."""
+def time_compiled(fn: Callable, args: tuple, repeats: int) -> tuple[float, list[float], Any]:
+    """AOT-compile ``jax.jit(fn)`` for ``args`` and run it ``repeats`` times.
+
+    Returns (compile seconds, run seconds per repeat, the last run's output).
+    """
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - start
-    runs = []
+    runs, out = [], None
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
+        out = jax.block_until_ready(compiled(*args))
         runs.append(time.perf_counter() - start)
-    return compile_s, runs
+    return compile_s, runs, out
 
 
 def median(xs: Sequence[float]) -> float:

@@ -183,12 +183,10 @@ def _subset(n_total, n):
     return n_total if n is None else min(int(n), n_total)
 
 
-def _multi_digits(data_dir, *, num_train, num_eval, data_seed, **_):
-    del data_dir
-    train = _data.multi_digits("train", num_examples=num_train, seed=data_seed)
-    test = _data.multi_digits("test", num_examples=num_eval, seed=data_seed)
+def _two_item_task(name, train, test):
+    """The multi-head LeNet task on 36x36 two-item canvases (Multi-Digits and the Multi-MNIST family)."""
     return Task(
-        name="multi-digits",
+        name=name,
         model=MultiHeadLeNet(num_tasks=2, num_classes=10),
         kind="classification",
         task_names=("top_left", "bottom_right"),
@@ -200,23 +198,20 @@ def _multi_digits(data_dir, *, num_train, num_eval, data_seed, **_):
     )
 
 
+def _multi_digits(data_dir, *, num_train, num_eval, data_seed, **_):
+    del data_dir
+    train = _data.multi_digits("train", num_examples=num_train, seed=data_seed)
+    test = _data.multi_digits("test", num_examples=num_eval, seed=data_seed)
+    return _two_item_task("multi-digits", train, test)
+
+
 def _multi_mnist(variant):
     def build(data_dir, *, num_train, num_eval, data_seed, cache_dir=None, **_):
         if data_dir is None:
             raise FileNotFoundError(f"{variant}: no data directory given (pass data_dir / --data-dir with the MNIST / Fashion-MNIST IDX files).")
         train = _data.multi_mnist(data_dir, "train", variant, num_examples=num_train, seed=data_seed, cache_dir=cache_dir)
         test = _data.multi_mnist(data_dir, "test", variant, num_examples=num_eval, seed=data_seed, cache_dir=cache_dir)
-        return Task(
-            name=variant,
-            model=MultiHeadLeNet(num_tasks=2, num_classes=10),
-            kind="classification",
-            task_names=("top_left", "bottom_right"),
-            num_classes=10,
-            train_data=ArrayDataset(train.images, train.labels),
-            eval_data=ArrayDataset(test.images, test.labels),
-            sample_input=np.zeros((1, 36, 36, 1), np.float32),
-            defaults=TaskDefaults("sgd", 1e-2, 256, 100),
-        )
+        return _two_item_task(variant, train, test)
 
     return build
 
