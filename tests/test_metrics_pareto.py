@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from mtsgd_jax.metrics.pareto import (
-    ZDT3_COVERAGE_TOL,
+    SEGMENT_COVERAGE_TOL,
     hypervolume_2d,
     igd,
     igd_plus,
     non_dominated_mask,
-    zdt3_segment_coverage,
-    zdt3_segments_covered,
+    segment_coverage,
+    segments_covered,
 )
 from mtsgd_jax.problems.zdt import ZDT3_SEGMENTS, zdt1, zdt2, zdt3
 
@@ -74,6 +74,17 @@ _nd = jax.jit(non_dominated_mask)
 _hv = jax.jit(hypervolume_2d)
 _igd = jax.jit(igd)
 _igd_plus = jax.jit(igd_plus)
+_ZDT3_POLYLINES = zdt3().front_polylines()
+
+
+def zdt3_segments_covered(points, tol=SEGMENT_COVERAGE_TOL):
+    return segments_covered(points, _ZDT3_POLYLINES, tol)
+
+
+def zdt3_segment_coverage(points, tol=SEGMENT_COVERAGE_TOL):
+    return segment_coverage(points, _ZDT3_POLYLINES, tol)
+
+
 _covered = jax.jit(zdt3_segments_covered)
 _coverage = jax.jit(zdt3_segment_coverage)
 
@@ -223,7 +234,7 @@ def _on_segment(s, frac):
 
 
 def test_zdt3_full_front_covers_all_five():
-    assert ZDT3_COVERAGE_TOL == 0.05
+    assert SEGMENT_COVERAGE_TOL == 0.05
     assert int(_covered(zdt3().pareto_front(5))) == 5
     assert int(_covered(zdt3().pareto_front(200), tol=0.0)) == 5
     assert int(_covered(jnp.asarray(zdt3().pareto_front(50), jnp.float32))) == 5
@@ -276,6 +287,22 @@ def test_zdt3_coverage_errors():
         zdt3_segments_covered(jnp.zeros((2, 2)), tol=jnp.ones(5))
     with pytest.raises(ValueError, match=r"points must have shape \(N, 2\)"):
         _coverage(jnp.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"polylines must have shape \(S, L, 2\)"):
+        segments_covered(jnp.zeros((2, 2)), np.zeros((5, 1, 2)))
     # A traced tol is accepted.
     f = _covered
     assert int(f(jnp.asarray(zdt3().pareto_front(10)), 0.01)) == 5
+
+
+def test_front_polylines_lie_on_the_front():
+    for problem, segments in ((zdt1(), 1), (zdt2(), 1), (zdt3(), 5)):
+        poly = problem.front_polylines(33)
+        assert poly.shape == (segments, 33, 2)
+        np.testing.assert_allclose(poly[..., 0], np.stack([np.linspace(lo, hi, 33) for lo, hi in problem.segments]))
+        # Every vertex is an attainable objective vector of a Pareto-optimal theta (g = 1).
+        theta = np.zeros((poly.size // 2, problem.num_variables))
+        theta[:, 0] = poly[..., 0].ravel()
+        objs = np.asarray(jax.vmap(problem.objectives)(jnp.asarray(theta)))
+        np.testing.assert_allclose(objs, poly.reshape(-1, 2), atol=1e-12)
+    with pytest.raises(ValueError, match="num_vertices"):
+        zdt3().front_polylines(1)

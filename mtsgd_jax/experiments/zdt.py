@@ -57,7 +57,7 @@ point set per seed; :mod:`mtsgd_jax.metrics`):
 * ``gd`` -- generational distance: mean distance from each obtained point
   to the front (convergence alone).
 * ``segments`` -- how many of the five front segments have an obtained point
-  within 0.05 (:func:`~mtsgd_jax.metrics.zdt3_segments_covered`).
+  within 0.05 (:func:`~mtsgd_jax.metrics.segments_covered`).
 * ``non_dominated`` -- how many of the M points no other point dominates.
 * ``wall_s`` -- seconds of the compiled 10,000-step run per seed (the run is
   compiled ahead of time once per method; ``compile_s`` is reported apart).
@@ -96,7 +96,7 @@ import optax
 
 from mtsgd_jax import kernels as _kernels
 from mtsgd_jax.experiments import _report
-from mtsgd_jax.metrics import hypervolume_2d, igd, igd_plus, non_dominated_mask, zdt3_segments_covered
+from mtsgd_jax.metrics import hypervolume_2d, igd, igd_plus, non_dominated_mask, segments_covered
 from mtsgd_jax.problems import zdt
 from mtsgd_jax.sampling import sample
 from mtsgd_jax.transforms import linear_scalarization, mgda, moo_svgd, mtsgd, preference_vectors, project_box
@@ -272,7 +272,7 @@ def point_set_metrics(objs, front) -> dict:
         "igd": float(igd(objs, front)),
         "igd_plus": float(igd_plus(objs, front)),
         "gd": float(igd(front, objs)),  # mean over the obtained points of the distance to the front
-        "segments": int(zdt3_segments_covered(objs)),
+        "segments": int(segments_covered(objs, zdt("zdt3").front_polylines())),
         "non_dominated": int(jnp.sum(non_dominated_mask(objs))),
     }
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics: Pareto-front quality (hypervolume, IGD, IGD+, ZDT3 segments) and
+"""Evaluation metrics: Pareto-front quality (hypervolume, IGD, IGD+, front segments covered) and
 classification calibration (accuracy, ensemble accuracy, Brier score, ECE, reliability diagrams)."""
 
 from mtsgd_jax.metrics.calibration import (
@@ -13,18 +13,18 @@ from mtsgd_jax.metrics.calibration import (
     reliability_diagram,
 )
 from mtsgd_jax.metrics.pareto import (
-    ZDT3_COVERAGE_TOL,
+    SEGMENT_COVERAGE_TOL,
     hypervolume_2d,
     igd,
     igd_plus,
     non_dominated_mask,
-    zdt3_segment_coverage,
-    zdt3_segments_covered,
+    segment_coverage,
+    segments_covered,
 )
 
 __all__ = [
     "ReliabilityDiagram",
-    "ZDT3_COVERAGE_TOL",
+    "SEGMENT_COVERAGE_TOL",
     "accuracy",
     "brier_score",
     "ensemble_accuracy",
@@ -37,6 +37,6 @@ __all__ = [
     "per_task_mse",
     "plot_reliability_diagram",
     "reliability_diagram",
-    "zdt3_segment_coverage",
-    "zdt3_segments_covered",
+    "segment_coverage",
+    "segments_covered",
 ]

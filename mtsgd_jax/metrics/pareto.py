@@ -1,4 +1,4 @@
-"""Multi-objective quality indicators: dominance, hypervolume, IGD, IGD+, ZDT3 coverage.
+"""Multi-objective quality indicators: dominance, hypervolume, IGD, IGD+, front-segment coverage.
 
 Conventions (ALGORITHM.md section 8):
 
@@ -19,43 +19,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtsgd_jax.problems.zdt import ZDT3_SEGMENTS
-
 Array = jax.Array
 
 __all__ = [
-    "ZDT3_COVERAGE_TOL",
+    "SEGMENT_COVERAGE_TOL",
     "hypervolume_2d",
     "igd",
     "igd_plus",
     "non_dominated_mask",
-    "zdt3_segment_coverage",
-    "zdt3_segments_covered",
+    "segment_coverage",
+    "segments_covered",
 ]
 
-ZDT3_COVERAGE_TOL = 0.05
-"""Default distance (objective space) for :func:`zdt3_segments_covered`.
+SEGMENT_COVERAGE_TOL = 0.05
+"""Default distance (objective space) for :func:`segments_covered`.
 
-No attainable ZDT3 objective vector lies within 0.079 of two different
+On ZDT3 no attainable objective vector lies within 0.079 of two different front
 segments, so with ``tol < 0.079`` one point covers at most one segment; 0.05
-also allows a modest distance to the front (a point with ``g = 1.05`` sits
+also allows a modest distance to the front (a ZDT3 point with ``g = 1.05`` sits
 about 0.04 above it).
 """
-
-# Each ZDT3 front segment as a polyline of this many vertices: the polyline is
-# within ~1e-6 of the curve, far below any sensible coverage tolerance.
-_POLYLINE_VERTICES = 257
-
-
-def _zdt3_polylines() -> np.ndarray:
-    f1 = np.stack([np.linspace(lo, hi, _POLYLINE_VERTICES) for lo, hi in ZDT3_SEGMENTS])
-    f2 = 1.0 - np.sqrt(f1) - f1 * np.sin(10.0 * np.pi * f1)
-    out = np.stack([f1, f2], axis=-1)  # (5, L, 2)
-    out.setflags(write=False)
-    return out
-
-
-_ZDT3_POLYLINES = _zdt3_polylines()
 
 
 def _float(x):
@@ -237,66 +220,77 @@ def _check_tol(tol, fn):
         raise ValueError(f"{fn}: tol must be a finite number >= 0, got {tol!r}.")
 
 
-def zdt3_segment_coverage(points, tol=ZDT3_COVERAGE_TOL) -> Array:
-    """Which of the five ZDT3 true-front segments have an obtained point within ``tol``.
+def _as_polylines(polylines, dtype) -> Array:
+    poly = jnp.asarray(polylines, dtype)
+    if poly.ndim != 3 or poly.shape[1] < 2 or poly.shape[2] != 2:
+        raise ValueError(
+            "segment_coverage: polylines must have shape (S, L, 2) with L >= 2 vertices per segment "
+            f"(e.g. zdt3().front_polylines()), got {tuple(poly.shape)}."
+        )
+    return poly
 
-    Segment s (f1 in ``ZDT3_SEGMENTS[s]``, ``f2 = 1 - sqrt(f1) - f1 sin(10 pi f1)``)
-    is covered when some point lies within Euclidean distance ``tol`` of it in
-    objective space. This implies that the point's f1 lies within the
-    segment's f1-interval padded by ``tol`` on both sides, so a point near a
-    dominated gap of the curve only counts for a segment whose END it is close
-    to. The distance is measured to a 257-vertex polyline of the segment
-    (within ~1e-6 of the curve).
+
+def segment_coverage(points, polylines, tol=SEGMENT_COVERAGE_TOL) -> Array:
+    """Which segments of a true front have an obtained point within ``tol``.
+
+    Segment s, given as a polyline ``polylines[s]`` in objective space, is
+    covered when some point lies within Euclidean distance ``tol`` of it. For
+    a disconnected front (ZDT3: ``zdt3().front_polylines()``, five segments) a
+    point near a dominated gap of the curve then only counts for a segment
+    whose END it is close to.
 
     Args:
-      points: (N, 2) obtained ZDT3 objective vectors. N = 0 covers nothing.
+      points: (N, 2) obtained objective vectors. N = 0 covers nothing.
+      polylines: (S, L, 2) the front's S segments, each as L >= 2 vertices
+        (:meth:`~mtsgd_jax.problems.ZDTProblem.front_polylines` builds them
+        within ~1e-6 of the analytic curve).
       tol: distance threshold in objective space, >= 0 (default
-        :data:`ZDT3_COVERAGE_TOL` = 0.05; below 0.079 no attainable point covers
-        two segments).
+        :data:`SEGMENT_COVERAGE_TOL` = 0.05).
 
     Returns:
-      (5,) bool, one entry per segment of :data:`~mtsgd_jax.problems.zdt.ZDT3_SEGMENTS`.
+      (S,) bool, one entry per segment.
 
     Example:
       >>> import jax.numpy as jnp
+      >>> from mtsgd_jax.problems import zdt3
       >>> pts = jnp.array([[0.0, 1.0], [0.2, 0.56], [0.9, 0.0]])   # near segments 1 and 2
-      >>> zdt3_segment_coverage(pts).tolist()
+      >>> segment_coverage(pts, zdt3().front_polylines()).tolist()
       [True, True, False, False, False]
     """
-    x = _as_points(points, "points", "zdt3_segment_coverage", num_objectives=2)
-    _check_tol(tol, "zdt3_segment_coverage")
+    x = _as_points(points, "points", "segment_coverage", num_objectives=2)
+    _check_tol(tol, "segment_coverage")
+    poly = _as_polylines(polylines, x.dtype)  # (S, L, 2)
     if x.shape[0] == 0:
-        return jnp.zeros((len(ZDT3_SEGMENTS),), bool)
-    poly = jnp.asarray(_ZDT3_POLYLINES, x.dtype)  # (S, L, 2)
+        return jnp.zeros((poly.shape[0],), bool)
     a, b = poly[:, :-1, :], poly[:, 1:, :]  # edges (S, L-1, 2)
     ab = b - a
     ap = x[:, None, None, :] - a[None]  # (N, S, L-1, 2)
-    t = jnp.clip(jnp.sum(ap * ab, -1) / jnp.sum(ab * ab, -1), 0.0, 1.0)
+    t = jnp.clip(jnp.sum(ap * ab, -1) / jnp.maximum(jnp.sum(ab * ab, -1), jnp.finfo(x.dtype).tiny), 0.0, 1.0)
     gap = ap - t[..., None] * ab
     dist = jnp.min(jnp.sqrt(jnp.sum(gap * gap, -1)), axis=-1)  # (N, S)
     return jnp.any(dist <= jnp.asarray(tol, x.dtype), axis=0)
 
 
-def zdt3_segments_covered(points, tol=ZDT3_COVERAGE_TOL) -> Array:
-    """How many of the five ZDT3 true-front segments an obtained point set covers.
+def segments_covered(points, polylines, tol=SEGMENT_COVERAGE_TOL) -> Array:
+    """How many segments of a true front an obtained point set covers.
 
-    ``sum(zdt3_segment_coverage(points, tol))``; see :func:`zdt3_segment_coverage`
-    for the rule (Euclidean distance ``<= tol`` to the segment in objective
-    space, default ``tol = 0.05``).
+    ``sum(segment_coverage(points, polylines, tol))``; see :func:`segment_coverage`.
 
     Args:
-      points: (N, 2) obtained ZDT3 objective vectors.
+      points: (N, 2) obtained objective vectors.
+      polylines: (S, L, 2) the front's segments as polylines.
       tol: distance threshold in objective space (default 0.05).
 
     Returns:
-      () int32 count in 0..5 (use ``int(...)``).
+      () int32 count in 0..S (use ``int(...)``).
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from mtsgd_jax.problems.zdt import zdt3
-      >>> int(zdt3_segments_covered(zdt3().pareto_front(5)))   # one point per segment
+      >>> from mtsgd_jax.problems import zdt3
+      >>> problem = zdt3()
+      >>> int(segments_covered(problem.pareto_front(5), problem.front_polylines()))   # one point per segment
       5
-      >>> int(zdt3_segments_covered(jnp.array([[0.0, 1.0], [0.0, 1.02]])))
+      >>> int(segments_covered(jnp.array([[0.0, 1.0], [0.0, 1.02]]), problem.front_polylines()))
       1
     """
-    return jnp.sum(zdt3_segment_coverage(points, tol), dtype=jnp.int32)
+    return jnp.sum(segment_coverage(points, polylines, tol), dtype=jnp.int32)

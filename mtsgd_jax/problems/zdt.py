@@ -189,6 +189,10 @@ class ZDTProblem(NamedTuple):
       pareto_set: ``num_points -> (P, n)`` float64 numpy array of Pareto-optimal
         variables, ``objectives(pareto_set(P)) == pareto_front(P)``.
       init_particles: ``(key, M, dtype=float32) -> (M, n)`` uniform in the box.
+      front_polylines: ``(num_vertices=257) -> (S, L, 2)`` float64 numpy array:
+        each front segment as a polyline of ``num_vertices`` points of the
+        analytic curve (within ~1e-6 of it at the default), for
+        :func:`mtsgd_jax.metrics.segments_covered`.
     """
 
     name: str
@@ -202,6 +206,7 @@ class ZDTProblem(NamedTuple):
     pareto_front: Callable
     pareto_set: Callable
     init_particles: Callable
+    front_polylines: Callable
 
 
 def _resolve_index(name_or_index) -> int:
@@ -278,6 +283,15 @@ def _build(index: int, n: int) -> ZDTProblem:
         num_particles = _check_num_points(num_particles, "num_particles")
         return jax.random.uniform(key, (num_particles, n), dtype, 0.0, 1.0)
 
+    def front_polylines(num_vertices=257):
+        num_vertices = _check_num_points(num_vertices, "num_vertices")
+        if num_vertices < 2:
+            raise ValueError(f"num_vertices must be >= 2 (a segment needs two ends), got {num_vertices}.")
+        f1 = np.stack([np.linspace(lo, hi, num_vertices) for lo, hi in segments])  # (S, L)
+        out = np.stack([f1, _front_f2(index, f1)], axis=-1)
+        out.setflags(write=False)
+        return out
+
     lower, upper = np.zeros(n), np.ones(n)
     lower.setflags(write=False)
     upper.setflags(write=False)
@@ -293,6 +307,7 @@ def _build(index: int, n: int) -> ZDTProblem:
         pareto_front=pareto_front,
         pareto_set=pareto_set,
         init_particles=init_particles,
+        front_polylines=front_polylines,
     )
 
 
