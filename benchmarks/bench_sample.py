@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import statistics
 import time
@@ -70,6 +69,7 @@ import optax  # noqa: E402
 
 import mtsgd_jax  # noqa: E402
 from mtsgd_jax import mtsgd, sample, toy_problem  # noqa: E402
+from mtsgd_jax.experiments import _report  # noqa: E402
 from mtsgd_jax.experiments._report import machine_info  # noqa: E402
 from mtsgd_jax.stein import directions_from_terms, stein_terms_flat  # noqa: E402
 
@@ -247,8 +247,10 @@ def plot(variants, results, path, info, steps):
         a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(f"{info['backend']} ({info['cpu_count']} CPUs), jax {info['jax_version']}, {info['date']}", fontsize=9)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        _report.save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def parse_args(argv=None):
@@ -294,12 +296,11 @@ def main(argv=None):
         "machine": info,
         "results": results,
     }
-    js = os.path.join(args.out, "sample_step.json")
-    with open(js, "w") as f:
-        json.dump(payload, f, indent=2)
+    js = _report.write_json(os.path.join(args.out, "sample_step.json"), payload)
+    print(f"total {info['benchmark_wall_s']:.0f} s; wrote {js}")
     png = os.path.join(args.out, "sample_step.png")
-    plot(variants, results, png, info, args.steps)
-    print(f"total {info['benchmark_wall_s']:.0f} s; wrote {js} and {png}")
+    _report.write_figures([(lambda p: plot(variants, results, p, info, args.steps), png)], results=[js])
+    print(f"wrote {png}")
 
 
 if __name__ == "__main__":

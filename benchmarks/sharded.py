@@ -98,7 +98,10 @@ def main(argv=None):
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     png = os.path.join(args.out, "sharded.png")
-    fig.savefig(png, dpi=110)
+    try:
+        _report.write_figures([(lambda p: _report.save_figure(fig, p, dpi=110), png)], results=[path])
+    finally:
+        plt.close(fig)
     print(f"wrote {path} and {png}")
     return 0
 

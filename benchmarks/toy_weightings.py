@@ -15,7 +15,6 @@ Reproduce::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -24,6 +23,7 @@ import numpy as np
 import optax
 
 import mtsgd_jax as mt
+from mtsgd_jax.experiments import _report
 
 
 def main(argv=None):
@@ -66,10 +66,9 @@ def main(argv=None):
                 f"{row['fraction_of_seeds_at_least_0.9']:9.2f} {dt:6.1f}s",
                 flush=True,
             )
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "toy_weightings.json")
-    with open(path, "w") as f:
-        json.dump({"config": vars(args), "jax_version": jax.__version__, "results": rows}, f, indent=2)
+    path = _report.write_json(
+        os.path.join(args.out, "toy_weightings.json"), {"config": vars(args), "jax_version": jax.__version__, "results": rows}
+    )
     print("wrote", path)
 
 

@@ -247,9 +247,7 @@ def plot_reliability(reliability: dict, path: str, num_bins: int = 10) -> str:
     for ax in axes[len(names):]:
         ax.set_visible(False)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=80)
-    return path
+    return _report.save_figure(fig, path, dpi=80)
 
 
 def main(
@@ -268,7 +266,7 @@ def main(
     timing = step_timing(config, repeats=timing_repeats, key_impl=key_impl) if timing_repeats else None
     summary = summarize(result)
     table = markdown_table(summary, result["task_names"], result["networks"], timing)
-    png = plot_reliability(result["reliability"], os.path.join(out, "multitask_reliability.png"))
+    png = os.path.join(out, "multitask_reliability.png")
     payload = {
         "config": result["config"],
         "task_names": result["task_names"],
@@ -282,7 +280,10 @@ def main(
         "total_seconds": time.perf_counter() - start,
         "machine": _report.machine_info(),
     }
-    _report.write_json(os.path.join(out, "multitask.json"), payload)
+    # The results first: a failing figure must not lose them.
+    js = _report.write_json(os.path.join(out, "multitask.json"), payload)
     print(table)
-    print(f"\nwrote {os.path.join(out, 'multitask.json')} and {png} ({payload['total_seconds']:.0f} s)")
+    print(f"\nwrote {js} ({payload['total_seconds']:.0f} s)")
+    _report.write_figures([(lambda p: plot_reliability(result["reliability"], p), png)], results=[js])
+    print(f"wrote {png}")
     return payload

@@ -313,8 +313,10 @@ def plot_scaling(payload: dict, path: str) -> str:
     ax_r.legend(fontsize=8)
     info = payload["machine"]
     fig.suptitle(f"{info['backend']} / {info['device_kind']} ({info['cpu_count']} CPUs), jax {info['jax_version']}, {info['date']}", fontsize=9)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        _report.save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -348,7 +350,11 @@ def main(
     progress: bool = True,
     print_fn: Callable[[str], None] = print,
 ) -> dict:
-    """Run the whole benchmark, write ``scaling.json`` / ``scaling.png`` into ``out``, print a summary."""
+    """Run the whole benchmark, print a summary, write ``scaling.json`` then plot ``scaling.png`` into ``out``.
+
+    Raises:
+      mtsgd_jax.experiments._report.PlotError: the figure failed; the JSON is written and kept.
+    """
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
     payload = {
@@ -382,6 +388,7 @@ def main(
     payload["machine"]["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     payload["wall_s"] = time.perf_counter() - start
     js = _report.write_json(os.path.join(out, "scaling.json"), payload)
-    png = plot_scaling(payload, os.path.join(out, "scaling.png"))
-    print_fn(f"\nwrote {js} and {png} ({payload['wall_s']:.0f} s)")
+    print_fn(f"\nwrote {js} ({payload['wall_s']:.0f} s)")
+    (png,) = _report.write_figures([(lambda p: plot_scaling(payload, p), os.path.join(out, "scaling.png"))], results=[js])
+    print_fn(f"wrote {png}")
     return payload

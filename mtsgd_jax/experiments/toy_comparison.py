@@ -169,8 +169,10 @@ def plot_toy_comparison(result: dict, path: str, snapshots: dict | None = None) 
         f"M = {result['num_particles']}, Adam {result['lr']:g}; dashed black: joint region (every density >= 1% of its max)",
         fontsize=10,
     )
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        _report.save_figure(fig, path, dpi=100)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -204,7 +206,11 @@ def main(
     progress: bool = True,
     print_fn: Callable[[str], None] = print,
 ) -> dict:
-    """Run, plot, write ``toy_comparison.{png,json}`` into ``out`` and print a summary table."""
+    """Run, write ``toy_comparison.json``, print a summary table, then plot ``toy_comparison.png`` into ``out``.
+
+    Raises:
+      mtsgd_jax.experiments._report.PlotError: the figure failed; the JSON is written and kept.
+    """
     os.makedirs(out, exist_ok=True)
     result = run_toy_comparison(
         seeds,
@@ -220,7 +226,6 @@ def main(
         "mtsgd": [0, mtsgd_steps // 4, mtsgd_steps // 2, mtsgd_steps],
         "moo_svgd": [0, moo_svgd_steps // 4, moo_svgd_steps // 2, moo_svgd_steps],
     }
-    png = plot_toy_comparison(result, os.path.join(out, "toy_comparison.png"), snaps)
     payload = {
         "config": {k: result[k] for k in ("seeds", "weighting", "num_particles", "lr")}
         | {"mtsgd_steps": mtsgd_steps, "moo_svgd_steps": moo_svgd_steps, "trace_every": trace_every, "joint_fraction": JOINT_FRACTION},
@@ -236,6 +241,7 @@ def main(
             for name, rec in result["methods"].items()
         },
     }
+    # The results first: a failing figure must not lose them.
     js = _report.write_json(os.path.join(out, "toy_comparison.json"), payload)
     print_fn(
         _report.format_table(
@@ -243,5 +249,9 @@ def main(
             summary_rows(result),
         )
     )
-    print_fn(f"wrote {png} and {js}")
+    print_fn(f"wrote {js}")
+    (png,) = _report.write_figures(
+        [(lambda p: plot_toy_comparison(result, p, snaps), os.path.join(out, "toy_comparison.png"))], results=[js]
+    )
+    print_fn(f"wrote {png}")
     return payload

@@ -456,8 +456,10 @@ def plot_fronts(result: dict, path: str) -> str:
         f"{c['steps']} Adam steps (lr {c['lr']:g}), {len(seeds)} seeds; grey: true Pareto front",
         fontsize=10,
     )
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:
+        _report.save_figure(fig, path, dpi=90)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -493,8 +495,10 @@ def plot_hv(result: dict, path: str) -> str:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5), fontsize=8)
     fig.suptitle(f"ZDT3: mean ± std over {len(result['seeds'])} seeds (seeds {result['seeds']})", fontsize=10)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:
+        _report.save_figure(fig, path, dpi=90)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -512,10 +516,7 @@ def _write_compact_json(path: str, payload: dict) -> str:
     text = re.sub(r"\[\s+([-+0-9.eE,\s]+?|null)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
     # then lists of such one-line lists (e.g. one seed's (M, 2) objective vectors)
     text = re.sub(r"\[\s+(\[[^\[\]\n]*\](?:,\s+\[[^\[\]\n]*\])*)\s+\]", lambda m: "[" + re.sub(r",\s+\[", ", [", m.group(1)) + "]", text)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-    return path
+    return _report.write_text(path, text + "\n")
 
 
 def _fmt(ms: dict, digits: int = 3) -> str:
@@ -557,7 +558,11 @@ def main(
     progress: bool = True,
     print_fn: Callable[[str], None] = print,
 ) -> dict:
-    """Run, plot, write ``zdt3_fronts.png``, ``zdt3_hv.png`` and ``zdt3.json`` into ``out``; print a table."""
+    """Run, write ``zdt3.json``, print a table, then plot ``zdt3_fronts.png`` and ``zdt3_hv.png`` into ``out``.
+
+    Raises:
+      mtsgd_jax.experiments._report.PlotError: a figure failed; the JSON is written and kept.
+    """
     os.makedirs(out, exist_ok=True)
     result = run_zdt(
         seeds,
@@ -571,8 +576,6 @@ def main(
         progress=progress,
     )
     summary = summarise(result)
-    fronts = plot_fronts(result, os.path.join(out, "zdt3_fronts.png"))
-    hv_png = plot_hv(result, os.path.join(out, "zdt3_hv.png"))
     payload = {
         "config": result["config"] | {"seeds": result["seeds"], "methods": list(result["methods"])},
         "notes": {
@@ -609,8 +612,17 @@ def main(
             for label, rec in result["methods"].items()
         },
     }
+    # The results first: a failing figure must not lose them.
     js = _write_compact_json(os.path.join(out, "zdt3.json"), payload)
     print_fn(_report.format_table(SUMMARY_HEADER, summary_rows(summary)))
     print_fn(f"true front: HV (1.1, 1.1) = {result['optimal']['hv']:.4f}, HV (0.990, 6.546) = {result['optimal']['hv_published']:.4f}")
-    print_fn(f"wrote {fronts}, {hv_png} and {js}")
+    print_fn(f"wrote {js}")
+    fronts, hv_png = _report.write_figures(
+        [
+            (lambda p: plot_fronts(result, p), os.path.join(out, "zdt3_fronts.png")),
+            (lambda p: plot_hv(result, p), os.path.join(out, "zdt3_hv.png")),
+        ],
+        results=[js],
+    )
+    print_fn(f"wrote {fronts} and {hv_png}")
     return payload
