@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from mtsgd_jax.cli._common import add_common, non_negative_int, positive_int
+from mtsgd_jax.cli._common import HelpFormatter, add_common, non_negative_int, positive_int, set_requires
+
+# Optional modules this subcommand imports (checked by mtsgd_jax.cli.main before it runs).
+REQUIRES = ("matplotlib",)
 
 
 def register(sub) -> None:
@@ -17,7 +20,7 @@ def register(sub) -> None:
         "one compiled lax.scan, compile time separate, medians of round-robin repeats. Also times a network-sized "
         "case (d = 139,015, M = 5, K = 7) and, with --large-m, a blocked run at large M. Writes scaling.json and "
         "scaling.png and prints the ratios mtsgd/moo_svgd and mtsgd/floor for every M.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_common(p, "outputs/scaling")
     p.add_argument("--sizes", type=positive_int, nargs="+", default=list(DEFAULT_SIZES), help="particle counts M")
@@ -25,9 +28,13 @@ def register(sub) -> None:
     p.add_argument("--steps", type=positive_int, default=1000, help="steps N per timed run")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats per method and M (median reported)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="PRNG seed of the initial particles")
-    p.add_argument("--no-network", dest="network", action="store_false", help="skip the network-sized case")
+    p.add_argument(
+        "--network", action=argparse.BooleanOptionalAction, default=True,
+        help="also time the network-sized case (--no-network skips it)",
+    )
     p.add_argument("--large-m", type=non_negative_int, default=0, help="also run MT-SGD at this M with the blocked kernel path (e.g. 20000); 0 = skip")
     p.add_argument("--block-size", type=positive_int, default=2048, help="row-block size for --large-m")
+    set_requires(p, REQUIRES)
     p.set_defaults(func=run)
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from mtsgd_jax.cli._common import add_common, non_negative_int, positive_float, positive_int
+from mtsgd_jax.cli._common import HelpFormatter, add_common, non_negative_int, positive_float, positive_int, set_requires
+
+# Optional modules this subcommand imports (checked by mtsgd_jax.cli.main before it runs).
+REQUIRES = ("matplotlib",)
 
 
 def register(sub) -> None:
@@ -13,7 +16,7 @@ def register(sub) -> None:
         help="MT-SGD vs MOO-SVGD on the three-target toy problem (snapshots + convergence curves)",
         description="Runs MT-SGD (1000 steps) and MOO-SVGD (2000 steps) from the same particles on the three-target "
         "toy problem for every seed; writes toy_comparison.png and toy_comparison.json and prints a summary.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_common(p, "outputs/toy")
     p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2], help="PRNG seeds of the initial particles")
@@ -23,6 +26,7 @@ def register(sub) -> None:
     p.add_argument("--lr", type=positive_float, default=3e-2, help="Adam learning rate")
     p.add_argument("--weighting", default="stein", choices=("stein", "normalized", "score"), help="MT-SGD's weighting")
     p.add_argument("--trace-every", type=positive_int, default=10, help="record every this many steps")
+    set_requires(p, REQUIRES)
     p.set_defaults(func=run)
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
-from mtsgd_jax.cli._common import positive_float, positive_int
+from mtsgd_jax.cli._common import positive_float, positive_int, set_requires
 
 # Kept literal (not imported from mtsgd_jax.training) so that ``mtsgd --help`` stays fast.
 _TASKS = ("multi-digits", "multi-mnist", "multi-fashion", "multi-fashion-mnist", "sarcos", "celeba")
@@ -21,7 +22,10 @@ def register(sub) -> None:
         "metrics.jsonl (one line per epoch), summary.json and orbax checkpoints (checkpoints/) to --out; "
         "--resume continues from the last checkpoint. Defaults of --epochs, --batch-size, --optimizer and "
         "--lr are the task's (Multi-*: SGD 1e-2, batch 256; SARCOS: Adam 1e-4, batch 512; CelebA: Adam 5e-4, "
-        "batch 64). 'single_task' trains K independent sets of M networks, set k on task k only.",
+        "batch 64). 'single_task' trains K independent sets of M networks, set k on task k only. "
+        "--resume continues from the newest intact checkpoint (damaged ones are skipped with a warning) and "
+        "refuses settings other than the checkpoint's (exit status 2, each difference listed) unless "
+        "--allow-changed names them; --epochs may always change.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--task", default="multi-digits", choices=_TASKS, help="problem (multi-digits needs no data files)")
@@ -40,16 +44,45 @@ def register(sub) -> None:
                    help="mtsgd / moo_svgd kernel: on the parameters, or on each network's outputs on the batch")
     p.add_argument("--weighting", default="stein", choices=("stein", "normalized", "score"), help="MT-SGD's weighting")
     p.add_argument("--eval-every", type=positive_int, default=1, help="evaluate every this many epochs")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--resume", action="store_true", help="continue from the last intact checkpoint in --out")
+    p.add_argument("--allow-changed", type=_setting_names, default=(), metavar="SETTINGS",
+                   help="with --resume: comma-separated settings that may differ from the checkpoint's "
+                   "(e.g. lr,weighting); the requested values apply from the resumed epoch on")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    set_requires(p, requires)
     p.set_defaults(func=run)
 
 
+def requires(args) -> tuple[str, ...]:
+    """Optional modules ``mtsgd train`` imports for these arguments: orbax (checkpoints) and the task's loader's."""
+    loader = {"multi-digits": ("sklearn",), "sarcos": ("scipy",), "celeba": ("PIL",)}.get(args.task, ())
+    return ("orbax.checkpoint", *loader)
+
+
+def _setting_names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip().replace("-", "_") for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated setting names (e.g. lr,weighting), got {text!r}")
+    return names
+
+
+def _show_damage_warnings(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    from mtsgd_jax.training.checkpoint import CheckpointDamagedWarning
+
+    if issubclass(category, CheckpointDamagedWarning):
+        print(f"mtsgd train: warning: {message}", file=sys.stderr, flush=True)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def run(args) -> int:
-    """Run ``mtsgd train``; returns the exit status (2 for missing or malformed data)."""
+    """Run ``mtsgd train``; returns the exit status (2 for missing or malformed data, for a checkpoint
+    that cannot be resumed: all damaged, or other settings than requested without --allow-changed)."""
     from mtsgd_jax.data import DataFormatError
     from mtsgd_jax.experiments import _report
     from mtsgd_jax.training import make_task, summary_table, train
+    from mtsgd_jax.training.checkpoint import CheckpointDamagedWarning, CheckpointError, StateMismatchError
+    from mtsgd_jax.training.trainer import ResumeMismatchError
 
     try:
         task = make_task(args.task, args.data_dir, num_train=args.num_train, num_eval=args.num_eval)
@@ -67,27 +100,48 @@ def run(args) -> int:
         f"{task.eval_name} examples; method {args.method}, M = {args.num_particles}",
         flush=True,
     )
-    trainer, result = train(
-        task,
-        args.method,
-        num_particles=args.num_particles,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        seed=args.seed,
-        kernel_space=args.kernel_space,
-        out_dir=args.out,
-        resume=args.resume,
-        progress=args.progress,
-        eval_every=args.eval_every,
-        method_options={"weighting": args.weighting} if args.method == "mtsgd" else None,
-        log=lambda line: print(line, flush=True),
-    )
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_damage_warnings
+            warnings.simplefilter("always", CheckpointDamagedWarning)
+            trainer, result = train(
+                task,
+                args.method,
+                num_particles=args.num_particles,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                optimizer=args.optimizer,
+                lr=args.lr,
+                seed=args.seed,
+                kernel_space=args.kernel_space,
+                out_dir=args.out,
+                resume=args.resume,
+                progress=args.progress,
+                eval_every=args.eval_every,
+                method_options={"weighting": args.weighting} if args.method == "mtsgd" else None,
+                log=lambda line: print(line, flush=True),
+                allow_changed=args.allow_changed if args.resume else (),
+            )
+    except ResumeMismatchError as e:
+        rows = "\n".join(f"  {k}: saved {a!r}, requested {b!r}" for k, (a, b) in e.differences.items())
+        print(
+            f"mtsgd train: cannot --resume from {args.out}/checkpoints: it was written with other settings:\n{rows}\n"
+            f"Request the saved values, or pass --allow-changed {','.join(e.differences)} to continue with the "
+            "requested ones.",
+            file=sys.stderr,
+        )
+        return 2
+    except (CheckpointError, StateMismatchError) as e:
+        print(f"mtsgd train: cannot --resume: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        if not str(e).startswith("allow_changed names unknown settings"):
+            raise
+        print(f"mtsgd train: --allow-changed: {e}", file=sys.stderr)
+        return 2
     secs = [rec["seconds"] for rec in result.history]
     payload = {
-        "config": {**trainer.config(), "seed": args.seed, "optimizer": args.optimizer or task.defaults.optimizer,
-                   "lr": args.lr if args.lr is not None else task.defaults.lr, "epochs": len(result.history)},
+        "config": result.config,
         "metrics": result.metrics,
         "epoch_seconds": secs,
     }

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from mtsgd_jax.cli._common import add_common, non_negative_int, positive_float, positive_int
+from mtsgd_jax.cli._common import HelpFormatter, add_common, non_negative_int, positive_float, positive_int, set_requires
+
+# Optional modules this subcommand imports (checked by mtsgd_jax.cli.main before it runs).
+REQUIRES = ("matplotlib",)
 
 
 def _method(text: str) -> str:
@@ -30,7 +33,7 @@ def register(sub) -> None:
         "mtsgd, mtsgd_obj, moo_svgd, moo_svgd_obj, mgda, linear; keys: weighting=stein|normalized|score (mtsgd), "
         "space=theta|objectives, h=median|FLOAT (mtsgd, moo_svgd), normalize=0|1 (moo_svgd, mgda), repulsion=FLOAT "
         "(moo_svgd), T=FLOAT (target temperature), lr=FLOAT. See mtsgd_jax/experiments/zdt.py.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_common(p, "outputs/zdt3")
     p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2, 3, 4], help="PRNG seeds of the initial particles")
@@ -41,6 +44,7 @@ def register(sub) -> None:
     p.add_argument("--lr", type=positive_float, default=5e-4, help="Adam learning rate")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="T: the targets are p_k ∝ exp(-f_k / T)")
     p.add_argument("--trace-every", type=positive_int, default=100, help="hypervolume / IGD curves every this many steps")
+    set_requires(p, REQUIRES)
     p.set_defaults(func=run)
 
 
