@@ -18,8 +18,18 @@
   mini-batches (order from ``(seed, epoch)``; the last partial batch is dropped
   so the step compiles once), a tqdm bar per epoch, one JSON line per epoch
   (epoch, train loss per task, evaluation metrics, seconds), and orbax
-  checkpoints at epoch ends; ``resume=True`` continues from the last one and
-  reproduces the uninterrupted run.
+  checkpoints at epoch ends; ``resume=True`` continues from the newest intact
+  one (damaged ones are skipped with a warning, see
+  :mod:`~mtsgd_jax.training.checkpoint`) and reproduces the uninterrupted run.
+  Every setting that changes the run is recorded in the checkpoints
+  (:meth:`Trainer.config` plus the seed and the parameter dtypes); resuming
+  with other settings raises :class:`ResumeMismatchError` listing each
+  difference, unless ``allow_changed=`` names them (the number of epochs can
+  always change).
+
+The epoch bar counts steps that have finished on the device, not steps
+dispatched (JAX dispatches asynchronously): before advancing it waits for the
+previous step's (K, P) loss values, keeping one step in flight.
 
 :func:`train` builds everything from names (what ``mtsgd train`` calls).
 """
@@ -43,6 +53,7 @@ from mtsgd_jax.training.methods import Method, make_method, make_optimizer
 from mtsgd_jax.training.tasks import Task, make_task
 
 __all__ = [
+    "ResumeMismatchError",
     "TrainState",
     "TrainResult",
     "Trainer",
@@ -75,12 +86,54 @@ class TrainResult(NamedTuple):
       metrics: the final evaluation (see :meth:`Trainer.evaluate`).
       outputs: the final evaluation outputs (``probs`` (P, N, K, C) or
         ``predictions`` (P, N, K), and ``targets`` (N, K)) when requested, else None.
+      config: the settings the run used (:meth:`Trainer.config`, ``seed``,
+        ``param_dtypes``, ``jax_enable_x64``), ``epochs`` (completed) and
+        ``setting_changes``: one ``{"epoch": e, "changed": {name: {"saved": a,
+        "requested": b}}}`` per resume that changed settings (``allow_changed``).
     """
 
     state: TrainState
     history: list
     metrics: dict
     outputs: dict | None
+    config: dict | None = None
+
+
+class ResumeMismatchError(ValueError):
+    """Resuming with settings other than the checkpoint's; ``differences`` maps each
+    setting to ``(saved, requested)``."""
+
+    def __init__(self, message: str, differences: dict):
+        super().__init__(message)
+        self.differences = differences
+
+
+# Settings that never change the run (recorded, never compared).
+_NOT_COMPARED = ("epochs",)
+# make_method options that each method uses (the others are ignored by it and not recorded).
+_METHOD_OPTIONS = {
+    "mtsgd": ("weighting", "solver"),
+    "moo_svgd": ("repulsion", "normalize_grads", "solver"),
+    "mgda": ("normalize_grads", "solver"),
+    "pareto_mtl": ("preferences", "pareto_warmup_steps", "normalize_grads", "solver"),
+    "linear_scalarization": ("ls_weights",),
+    "single_task": (),
+}
+# make_task options that do not change the data (where caches go, how many reader threads).
+_TASK_OPTIONS_IGNORED = ("cache_dir", "num_threads")
+
+
+def _jsonable(value):
+    """``value`` as plain JSON (arrays -> lists, tuples -> lists)."""
+    if isinstance(value, (np.ndarray, jax.Array)):
+        return np.asarray(value).tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return json.loads(json.dumps(value))
 
 
 def function_features(task: Task, num_examples: int | None = None) -> Callable:
@@ -143,6 +196,10 @@ class Trainer:
       eval_batch_size: evaluation batch size (default ``max(batch_size, 256)``).
       key_impl: PRNG implementation of the initialisation key (e.g. ``"rbg"``,
         which compiles faster on CPU); default JAX's.
+      settings: JSON-serialisable ``{name: value}`` of what built ``method`` and
+        ``optimizer`` that the trainer cannot see (e.g. ``{"optimizer": "adam",
+        "lr": 1e-3, "weighting": "stein"}``; :func:`train` fills it). Part of
+        :meth:`config`: recorded in checkpoints and compared on resume.
     """
 
     def __init__(
@@ -154,6 +211,7 @@ class Trainer:
         batch_size: int | None = None,
         eval_batch_size: int | None = None,
         key_impl: str | None = None,
+        settings: dict | None = None,
     ):
         if method.num_tasks != task.num_tasks:
             raise ValueError(f"method has K={method.num_tasks} tasks but task {task.name!r} has K={task.num_tasks}.")
@@ -173,6 +231,10 @@ class Trainer:
             )
         self.eval_batch_size = int(eval_batch_size or max(self.batch_size, 256))
         self.key_impl = key_impl
+        try:
+            self.settings = _jsonable(dict(settings or {}))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"settings must be a JSON-serialisable dict, got {settings!r} ({e}).") from None
         self._task_weights = _task_weights(method)
         self.step = jax.jit(self._step)
         self._predict = jax.jit(self._predict_fn)
@@ -224,6 +286,7 @@ class Trainer:
     def train_epoch(self, state: TrainState, *, seed: int, epoch: int, progress: bool = False):
         """One epoch: ``(state, train loss per task (K,), seconds, steps)``.
 
+        With ``progress``, a tqdm bar counts the steps that have finished.
         The training loss of task k is its mean over the epoch's batches and over
         the particles serving task k, measured before each step.
         """
@@ -238,9 +301,15 @@ class Trainer:
         acc = []
         for x, y in data.batches(self.batch_size, seed=seed, epoch=epoch, drop_last=True):
             state, values = self.step(state, x, y)
-            acc.append(values)
-            if bar is not None:
+            if bar is not None and acc:
+                # The previous step has finished once its (K, P) losses are ready; waiting for it
+                # (not for the step just dispatched) keeps one step in flight and copies nothing.
+                acc[-1].block_until_ready()
                 bar.update(1)
+            acc.append(values)
+        if bar is not None and acc:
+            acc[-1].block_until_ready()
+            bar.update(1)
         jax.block_until_ready(state)
         seconds = time.perf_counter() - start
         if bar is not None:
@@ -324,7 +393,11 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def config(self) -> dict:
-        """A JSON description of the run (stored with checkpoints, checked on resume)."""
+        """A JSON description of the run (stored with checkpoints, checked on resume).
+
+        The task, method, number of networks and tasks, kernel space, batch size,
+        data sizes, the initialisation key's PRNG implementation, and ``settings``.
+        """
         return {
             "task": self.task.name,
             "method": self.method.name,
@@ -334,6 +407,18 @@ class Trainer:
             "batch_size": self.batch_size,
             "num_train": len(self.task.train_data),
             "num_eval": len(self.task.eval_data),
+            "key_impl": self.key_impl,
+            **self.settings,
+        }
+
+    def run_config(self, state: TrainState, *, seed: int) -> dict:
+        """:meth:`config` plus the seed, the parameter dtypes of ``state`` and JAX's x64 flag."""
+        dtypes = sorted({str(np.dtype(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(state.params)})
+        return {
+            **self.config(),
+            "seed": int(seed),
+            "param_dtypes": dtypes,
+            "jax_enable_x64": bool(jax.config.jax_enable_x64),
         }
 
     def fit(
@@ -349,6 +434,7 @@ class Trainer:
         return_outputs: bool = False,
         state: TrainState | None = None,
         log: Callable[[str], None] | None = None,
+        allow_changed=(),
     ) -> TrainResult:
         """Train for ``epochs`` epochs (in all, counting those resumed from).
 
@@ -357,8 +443,12 @@ class Trainer:
           seed: initialisation and mini-batch-order seed.
           out_dir: where ``metrics.jsonl`` (one JSON object per epoch) and
             ``checkpoints/`` (orbax, at every epoch end) go; None writes nothing.
-          resume: continue from the last checkpoint in ``out_dir`` (same
-            configuration required); without one, start afresh. When False, an
+          resume: continue from the newest intact checkpoint in ``out_dir``
+            (damaged newer ones are skipped with a
+            :class:`~mtsgd_jax.training.checkpoint.CheckpointDamagedWarning` and
+            moved to ``checkpoints.damaged/``); without any checkpoint, start
+            afresh. The run's settings (:meth:`run_config`) must equal the
+            checkpoint's, except those named in ``allow_changed``. When False, an
             existing ``checkpoints/`` and ``metrics.jsonl`` in ``out_dir`` are replaced.
           progress: a tqdm bar per epoch.
           eval_every: evaluate every this many epochs (and always after the last).
@@ -366,35 +456,67 @@ class Trainer:
           return_outputs: keep the final evaluation outputs in the result.
           state: start from this state instead of a fresh :meth:`init` (seed).
           log: called with one line per epoch (e.g. ``print``); default silent.
+          allow_changed: names of settings (keys of :meth:`run_config`) that may
+            differ from the checkpoint's on resume; the requested values are used
+            from the resumed epoch on and the change is recorded
+            (``TrainResult.config["setting_changes"]``). ``"epochs"`` is accepted
+            and never needed.
 
         Returns:
           :class:`TrainResult`.
+
+        Raises:
+          ResumeMismatchError: resuming with settings other than the checkpoint's
+            (each listed, saved vs requested) that ``allow_changed`` does not name.
+          mtsgd_jax.training.checkpoint.CheckpointError: checkpoints exist but none is intact.
+          mtsgd_jax.training.checkpoint.StateMismatchError: the saved arrays do not
+            fit this trainer's state (e.g. an allowed change of optimiser whose state
+            has other arrays).
         """
         if epochs < 0:
             raise ValueError(f"epochs must be non-negative, got {epochs}.")
+        if isinstance(allow_changed, str):
+            allow_changed = [n for n in allow_changed.split(",") if n.strip()]
+        allowed = {str(n).strip().replace("-", "_") for n in allow_changed}
         ckpt_dir = log_path = None
         if out_dir is not None:
             os.makedirs(out_dir, exist_ok=True)
             ckpt_dir = os.path.join(out_dir, "checkpoints")
             log_path = os.path.join(out_dir, "metrics.jsonl")
-        config = {**self.config(), "seed": int(seed)}
         state = self.init(seed) if state is None else state
+        config = self.run_config(state, seed=seed)
+        unknown = sorted(allowed - set(config) - set(_NOT_COMPARED))
+        if unknown:
+            raise ValueError(
+                f"allow_changed names unknown settings {unknown}; the settings are {sorted(config)} "
+                f"(and {list(_NOT_COMPARED)}, which may always change)."
+            )
         history: list = []
+        changes: list = []
         start_epoch = 0
         if resume and ckpt_dir is not None:
-            found = _ckpt.read_checkpoint_meta(ckpt_dir)
+            accepted: dict = {}
+
+            def check(saved_epoch, meta):
+                diff = _config_diff(meta.get("config", {}), config)
+                refused = {k: v for k, v in diff.items() if k not in allowed}
+                if refused:
+                    raise ResumeMismatchError(_mismatch_message(ckpt_dir, saved_epoch, refused), refused)
+                accepted.clear()
+                accepted.update(diff)
+
+            found = _ckpt.restore_checkpoint(ckpt_dir, state._asdict(), check=check)
             if found is not None:
-                saved_cfg = found[1].get("config", {})
-                diff = {k: (saved_cfg.get(k), v) for k, v in config.items() if saved_cfg.get(k) != v}
-                if diff:
-                    raise ValueError(
-                        f"cannot resume from {ckpt_dir}: the checkpoint was written by another configuration "
-                        f"(saved, requested): {diff}."
-                    )
-                saved_epoch, tree, meta = _ckpt.restore_checkpoint(ckpt_dir, state._asdict())
+                saved_epoch, tree, meta = found
                 state = TrainState(**tree)
                 history = list(meta.get("history", []))
+                changes = list(meta.get("setting_changes", []))
                 start_epoch = int(saved_epoch)
+                if accepted:
+                    changed = {k: {"saved": a, "requested": b} for k, (a, b) in accepted.items()}
+                    changes.append({"epoch": start_epoch, "changed": changed})
+                if checkpoint:
+                    _ckpt.move_aside(ckpt_dir, start_epoch)  # damaged newer epochs, to be saved again
         elif ckpt_dir is not None and checkpoint:
             _ckpt.clear_checkpoints(ckpt_dir)
         if log_path is not None:
@@ -425,7 +547,11 @@ class Trainer:
                     f.write(json.dumps(rec) + "\n")
             if ckpt_dir is not None and checkpoint:
                 _ckpt.save_checkpoint(
-                    ckpt_dir, epoch + 1, state._asdict(), {"epoch": epoch + 1, "config": config, "history": history}
+                    ckpt_dir,
+                    epoch + 1,
+                    state._asdict(),
+                    {"epoch": epoch + 1, "epochs": int(epochs), "config": config, "history": history,
+                     "setting_changes": changes},
                 )
             if log is not None:
                 log(_epoch_line(self.task, rec))
@@ -433,7 +559,23 @@ class Trainer:
             metrics, outputs = self.evaluate(state, return_outputs=True)
         elif metrics is None:
             metrics = self.evaluate(state)
-        return TrainResult(state, history, metrics, outputs)
+        used = {**config, "epochs": len(history), "setting_changes": changes}
+        return TrainResult(state, history, metrics, outputs, used)
+
+
+def _config_diff(saved: dict, requested: dict) -> dict:
+    """``{name: (saved, requested)}`` of the compared settings that differ (absent reads as None)."""
+    names = (set(saved) | set(requested)) - set(_NOT_COMPARED)
+    return {k: (saved.get(k), requested.get(k)) for k in sorted(names) if saved.get(k) != requested.get(k)}
+
+
+def _mismatch_message(ckpt_dir, epoch: int, diff: dict) -> str:
+    rows = "\n".join(f"  {k}: saved {a!r}, requested {b!r}" for k, (a, b) in diff.items())
+    return (
+        f"cannot resume from {ckpt_dir} (epoch {epoch}): the checkpoint was written by another configuration; "
+        f"these settings differ:\n{rows}\n"
+        f"Request the saved values, or allow the change explicitly: allow_changed={sorted(diff)!r}."
+    )
 
 
 def _epoch_line(task: Task, rec: dict) -> str:
@@ -477,6 +619,7 @@ def train(
     batch_size: int | None = None,
     optimizer: str | None = None,
     lr: float | None = None,
+    momentum: float = 0.9,
     seed: int = 0,
     kernel_space: str = "parameter",
     data_dir=None,
@@ -491,19 +634,35 @@ def train(
     task_options: dict | None = None,
     log: Callable[[str], None] | None = None,
     return_outputs: bool = False,
+    allow_changed=(),
 ) -> tuple[Trainer, TrainResult]:
     """Build the task, method and optimiser from names and run :meth:`Trainer.fit`.
 
     ``None`` for ``epochs``, ``batch_size``, ``optimizer`` or ``lr`` takes the
-    task's default (:class:`~mtsgd_jax.training.TaskDefaults`). Returns
-    ``(trainer, result)``. Data errors (``FileNotFoundError``,
+    task's default (:class:`~mtsgd_jax.training.TaskDefaults`); ``momentum``
+    is used by the ``"momentum"`` optimiser only. The optimiser's name, ``lr``
+    and ``momentum``, the method's options (those it uses, defaults filled in),
+    ``feature_examples`` and the task's options are recorded as the trainer's
+    settings (compared on resume; ``allow_changed`` as in :meth:`Trainer.fit`).
+    Returns ``(trainer, result)``. Data errors (``FileNotFoundError``,
     :class:`~mtsgd_jax.data.DataFormatError`) propagate from :func:`make_task`.
     """
+    task_options = dict(task_options or {})
     if isinstance(task, str):
-        task = make_task(task, data_dir, num_train=num_train, num_eval=num_eval, **(task_options or {}))
-    m = build_method(task, method, num_particles, kernel_space=kernel_space, **(method_options or {}))
-    opt = make_optimizer(optimizer or task.defaults.optimizer, lr if lr is not None else task.defaults.lr)
-    trainer = Trainer(task, m, opt, batch_size=batch_size, key_impl=key_impl)
+        task = make_task(task, data_dir, num_train=num_train, num_eval=num_eval, **task_options)
+    method_options = dict(method_options or {})
+    m = build_method(task, method, num_particles, kernel_space=kernel_space, **method_options)
+    opt_name = optimizer or task.defaults.optimizer
+    lr = lr if lr is not None else task.defaults.lr
+    opt = make_optimizer(opt_name, lr, momentum=momentum)
+    settings = {
+        "optimizer": opt_name,
+        "lr": float(lr),
+        "momentum": float(momentum) if opt_name == "momentum" else None,
+        **_method_settings(method, method_options),
+        **{k: v for k, v in sorted(task_options.items()) if k not in _TASK_OPTIONS_IGNORED},
+    }
+    trainer = Trainer(task, m, opt, batch_size=batch_size, key_impl=key_impl, settings=settings)
     result = trainer.fit(
         task.defaults.epochs if epochs is None else epochs,
         seed=seed,
@@ -513,5 +672,17 @@ def train(
         eval_every=eval_every,
         return_outputs=return_outputs,
         log=log,
+        allow_changed=allow_changed,
     )
     return trainer, result
+
+
+def _method_settings(name: str, options: dict) -> dict:
+    """The options ``name`` uses (``make_method``'s defaults filled in), plus ``feature_examples``."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(make_method).parameters.items()}
+    used = {k: options.get(k, defaults[k]) for k in _METHOD_OPTIONS.get(name, ())}
+    if "feature_examples" in options:
+        used["feature_examples"] = options["feature_examples"]
+    return used
