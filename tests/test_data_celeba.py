@@ -216,3 +216,34 @@ def test_missing_files_and_images(tmp_path):
     s = celeba_split(tmp_path, "valid", check_images=False)
     with pytest.raises(FileNotFoundError, match=r"000003\.jpg"):
         s.load_images([0])
+
+
+def test_more_malformed_attribute_files(tmp_path):
+    ok = "000001.jpg " + " ".join(["-1"] * 40) + "\n"
+    names = list(CELEBA_ATTRIBUTES)
+    names[5] = names[2]  # "Attractive" twice
+    p = _bad_attr(tmp_path, "1\n" + " ".join(names) + "\n" + ok)
+    with pytest.raises(DataFormatError, match=r"list_attr_celeba\.txt, line 2: attribute name\(s\) \['Attractive'\] appear more than once"):
+        read_celeba_attributes(p)
+    header = "1\n" + " ".join(CELEBA_ATTRIBUTES) + "\n"
+    for bad_id in ("../000001.jpg", "img/000001.jpg", "..", "a\\b.jpg"):
+        p = _bad_attr(tmp_path, header + bad_id + ok[len("000001.jpg"):])
+        with pytest.raises(DataFormatError, match=r"list_attr_celeba\.txt, line 3: image id .* is not a file name"):
+            read_celeba_attributes(p)
+    p = _bad_attr(tmp_path, "0\n" + " ".join(CELEBA_ATTRIBUTES) + "\n\n")
+    with pytest.raises(DataFormatError, match=r"list_attr_celeba\.txt: lists no images; expected one line 'image_id v1 \.\.\. v40'"):
+        read_celeba_attributes(p)
+    # a byte-order mark before the count is not an error
+    p.write_bytes(b"\xef\xbb\xbf" + (header + ok).encode())
+    ids, attrs, got_names = read_celeba_attributes(p)
+    assert ids == ["000001.jpg"] and attrs.tolist() == [[0] * 40] and got_names == list(CELEBA_ATTRIBUTES)
+    p.write_bytes(b"\xff\xfe" + "1\n".encode("utf-16-le"))
+    with pytest.raises(DataFormatError, match=r"list_attr_celeba\.txt: not a text file"):
+        read_celeba_attributes(p)
+
+
+def test_partition_image_id_must_be_a_file_name(tmp_path):
+    p = tmp_path / "list_eval_partition.txt"
+    p.write_text("000001.jpg 0\n../../000002.jpg 1\n")
+    with pytest.raises(DataFormatError, match=r"list_eval_partition\.txt, line 2: image id '\.\./\.\./000002\.jpg' is not a file name"):
+        read_celeba_partition(p)

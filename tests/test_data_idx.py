@@ -1,10 +1,13 @@
 """IDX reader / writer and the MNIST-format loader, on small files written in the real format."""
 
 import gzip
+import math
 import struct
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mtsgd_jax.data import DataFormatError, load_mnist_like, read_idx, write_idx
 
@@ -166,3 +169,78 @@ def test_write_idx_rejects_unsupported(tmp_path):
         write_idx(tmp_path / "a", np.zeros(3, np.int64))
     with pytest.raises(ValueError, match="1 to 255 dimensions"):
         write_idx(tmp_path / "a", np.float32(1.0))
+
+
+# ------------------------------------------------------------------ corrupt headers
+
+_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int16): 0x0B, np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
+
+
+def _header(code: int, shape) -> bytes:
+    """An IDX header written by hand: magic 0x0000<code><ndim>, then big-endian uint32 sizes."""
+    return bytes([0, 0, code, len(shape)]) + b"".join(struct.pack(">I", s) for s in shape)
+
+
+def test_sizes_overflowing_int64_are_a_corrupt_header(tmp_path):
+    p = tmp_path / "train-images-idx3-ubyte"
+    # (2**32 - 1)**3 bytes: about 7.9e28, far beyond int64 (which printed a negative byte count)
+    p.write_bytes(_header(0x08, (2**32 - 1,) * 3))
+    with pytest.raises(DataFormatError, match=r"train-images-idx3-ubyte: corrupt header") as exc:
+        read_idx(p)
+    assert str((2**32 - 1) ** 3) in str(exc.value) and "-" not in str(exc.value).split("would need")[1].split("bytes")[0]
+    # 2**64 bytes wraps to 0 in int64, which let the empty data through to a bare reshape error
+    p.write_bytes(_header(0x08, (2**16,) * 4))
+    with pytest.raises(DataFormatError, match=rf"train-images-idx3-ubyte: corrupt header: shape \(65536, 65536, 65536, 65536\) .*{2**64}"):
+        read_idx(p)
+    # within int64 but more than the file holds: the exact byte count, positive
+    p.write_bytes(_header(0x0E, (2**31, 2**28)))
+    with pytest.raises(DataFormatError, match=rf"truncated data: shape \(2147483648, 268435456\) of float64 needs {2**62} bytes"):
+        read_idx(p)
+
+
+@settings(max_examples=30)
+@given(
+    shape=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=6),
+    dtype=st.sampled_from(sorted(_CODES, key=str)),
+    extra=st.integers(0, 64),
+)
+def test_header_without_its_data_is_named_or_empty(tmp_path_factory, shape, dtype, extra):
+    """Any header followed by ``extra`` bytes: the data must be exactly prod(shape) * itemsize bytes."""
+    p = tmp_path_factory.mktemp("idx") / "x-idx"
+    data = bytes(range(extra))
+    p.write_bytes(_header(_CODES[dtype], shape) + data)
+    need = math.prod(shape) * dtype.itemsize  # Python integers: exact
+    if need == extra:
+        a = read_idx(p)
+        assert a.shape == tuple(shape) and a.dtype == dtype
+        assert a.tobytes() == np.frombuffer(data, dtype.newbyteorder(">")).astype(dtype).tobytes()
+        return
+    with pytest.raises(DataFormatError) as exc:
+        read_idx(p)
+    msg = str(exc.value)
+    assert msg.startswith(f"{p}: ")
+    if need > 2**63 - 1:
+        assert "corrupt header" in msg and str(need) in msg
+    elif need > extra:
+        assert f"needs {need} bytes after the header, the IDX file has {extra}" in msg
+    else:
+        assert f"{extra - need} unexpected trailing bytes" in msg
+
+
+def test_mnist_files_with_no_images_are_rejected(tmp_path):
+    _write_split(tmp_path, "train", np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8))
+    with pytest.raises(DataFormatError, match=r"train-images-idx3-ubyte\.gz: the header declares shape \(0, 28, 28\), so the file holds no image"):
+        load_mnist_like(tmp_path, "train")
+    _write_split(tmp_path, "train", np.zeros((2, 0, 28), np.uint8), np.zeros(2, np.uint8))
+    with pytest.raises(DataFormatError, match=r"shape \(2, 0, 28\)"):
+        load_mnist_like(tmp_path, "train")
+
+
+def test_labels_outside_the_classes_are_rejected(tmp_path):
+    labels = np.array([3, 9, 200, 12], np.uint8)
+    _write_split(tmp_path, "t10k", np.zeros((4, 28, 28), np.uint8), labels)
+    with pytest.raises(DataFormatError, match=r"t10k-labels-idx1-ubyte: label 200 at index 2 is outside \[0, 10\); expected 10 classes"):
+        load_mnist_like(tmp_path, "test", num_classes=10)
+    # without num_classes any uint8 label is a class (the loader serves other data sets too)
+    np.testing.assert_array_equal(load_mnist_like(tmp_path, "test").labels, labels.astype(np.int32))
+    assert load_mnist_like(tmp_path, "test", num_classes=201).labels.max() == 200

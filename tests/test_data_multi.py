@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from mtsgd_jax.data import MULTI_VARIANTS, digits_pools, multi_digits, multi_mnist, overlay_pairs, write_idx
+from mtsgd_jax.data import MULTI_VARIANTS, DataFormatError, digits_pools, multi_digits, multi_mnist, overlay_pairs, write_idx
 from mtsgd_jax.data import multi as multi_mod
 from mtsgd_jax.data.multi import pair_indices, resize_bilinear
 
@@ -152,6 +152,39 @@ def test_cache_invalidated_when_source_changes(tmp_path):
     write_idx(tmp_path / "mnist" / "t10k-labels-idx1-ubyte", np.zeros(13, np.uint8))
     ds = multi_mnist(tmp_path, "test", "multi-mnist", num_examples=5, cache_dir=cache)
     assert ds.images.max() == 0.0 and len(list(cache.glob("*.npz"))) == 2
+
+
+@pytest.mark.parametrize("variant, bad_source", [("multi-mnist", "mnist"), ("multi-fashion-mnist", "fashion")])
+def test_label_outside_the_ten_classes_is_rejected(tmp_path, variant, bad_source):
+    rng = np.random.default_rng(0)
+    _write_source(tmp_path / "mnist", "mnist", rng, gz=False)
+    _write_source(tmp_path / "fashion", "fashion", rng, gz=False)
+    labels = np.arange(SIZES[bad_source]["test"], dtype=np.uint8) % 10
+    labels[5] = 200
+    write_idx(tmp_path / bad_source / "t10k-labels-idx1-ubyte", labels)
+    with pytest.raises(DataFormatError, match=rf"{bad_source}/t10k-labels-idx1-ubyte: label 200 at index 5 is outside \[0, 10\)"):
+        multi_mnist(tmp_path, "test", variant, num_examples=4, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()  # nothing cached from the bad file
+    labels[5] = 9  # the largest valid class
+    write_idx(tmp_path / bad_source / "t10k-labels-idx1-ubyte", labels)
+    ds = multi_mnist(tmp_path, "test", variant, num_examples=40)
+    col = 0 if (variant, bad_source) == ("multi-mnist", "mnist") else 1
+    np.testing.assert_array_equal(ds.labels[:, col], labels[ds.indices[:, col]])
+
+
+def test_cache_with_out_of_range_labels_is_rebuilt(sources, tmp_path):
+    root, _ = sources
+    cache = tmp_path / "cache"
+    a = multi_mnist(root, "test", "multi-mnist", num_examples=6, seed=0, cache_dir=cache)
+    (path,) = cache.glob("*.npz")
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["labels"] = arrays["labels"].copy()
+    arrays["labels"][0, 0] = -1
+    np.savez(path, **arrays)
+    b = multi_mnist(root, "test", "multi-mnist", num_examples=6, seed=0, cache_dir=cache)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert b.labels.min() >= 0
 
 
 def test_data_dir_layouts(sources, tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from mtsgd_jax.data import SARCOS_SPLIT, DataFormatError, load_sarcos
+from mtsgd_jax.data import SARCOS_SPLIT, DataFormatError, load_sarcos, read_mat_matrix
 
 SMALL = dict(num_train=30, num_valid=5, num_test=6)
 
@@ -125,4 +125,62 @@ def test_not_a_mat_file_and_non_finite(tmp_path):
     bad[4, 2] = np.nan
     scipy.io.savemat(tmp_path / "sarcos_inv.mat", {"sarcos_inv": bad})
     with pytest.raises(DataFormatError, match="non-finite value at row 4, column 2"):
+        load_sarcos(tmp_path, **SMALL)
+
+
+def test_complex_matrix_is_rejected_not_truncated(tmp_path):
+    tr, _ = _write(tmp_path)
+    bad = tr.astype(np.complex128)
+    bad[7, 21] += 0.5j
+    scipy.io.savemat(tmp_path / "sarcos_inv.mat", {"sarcos_inv": bad})
+    with pytest.raises(
+        DataFormatError,
+        match=r"sarcos_inv\.mat: variable 'sarcos_inv' is complex \(complex128\) with a nonzero imaginary part, "
+        r"first at row 7, column 21 .*expected a real matrix",
+    ):
+        load_sarcos(tmp_path, **SMALL)
+    # a complex matrix whose imaginary parts are all zero holds real data: read as the real part, exactly
+    scipy.io.savemat(tmp_path / "sarcos_inv.mat", {"sarcos_inv": tr.astype(np.complex128)})
+    a = read_mat_matrix(tmp_path / "sarcos_inv.mat", "sarcos_inv", num_columns=28)
+    assert a.dtype == np.float64
+    np.testing.assert_array_equal(a, tr)
+
+
+def test_sparse_matrix_reads_dense(tmp_path):
+    import scipy.sparse
+
+    tr, _ = _write(tmp_path)
+    tr[:, 3] = 0.0
+    scipy.io.savemat(tmp_path / "sarcos_inv.mat", {"sarcos_inv": scipy.sparse.csc_matrix(tr)})
+    np.testing.assert_array_equal(read_mat_matrix(tmp_path / "sarcos_inv.mat", "sarcos_inv", num_columns=28), tr)
+
+
+def test_shapes_and_kinds_that_are_not_a_matrix(tmp_path):
+    tr, _ = _write(tmp_path)
+    p = tmp_path / "sarcos_inv.mat"
+    scipy.io.savemat(p, {"sarcos_inv": tr.T})  # one column per sample
+    with pytest.raises(DataFormatError, match=r"has 35 columns, expected 28 \(shape \(28, 35\)\) \(it looks transposed"):
+        load_sarcos(tmp_path, **SMALL)
+    scipy.io.savemat(p, {"sarcos_inv": np.zeros((0, 28))})
+    with pytest.raises(DataFormatError, match=r"sarcos_inv\.mat: variable 'sarcos_inv' has no rows \(shape \(0, 28\)\)"):
+        load_sarcos(tmp_path, **SMALL)
+    cell = np.empty((1, 2), dtype=object)
+    cell[0, 0], cell[0, 1] = tr[:, :21], tr[:, 21:]
+    scipy.io.savemat(p, {"sarcos_inv": cell})
+    with pytest.raises(DataFormatError, match=r"should be a 2-D real numeric matrix, got a cell array of shape \(1, 2\)"):
+        load_sarcos(tmp_path, **SMALL)
+    scipy.io.savemat(p, {"sarcos_inv": {"x": tr[:, :21], "y": tr[:, 21:]}})
+    with pytest.raises(DataFormatError, match=r"should be a 2-D real numeric matrix, got a struct array"):
+        load_sarcos(tmp_path, **SMALL)
+    scipy.io.savemat(p, {"sarcos_inv": "torques"})
+    with pytest.raises(DataFormatError, match=r"should be a 2-D real numeric matrix, got a char array"):
+        load_sarcos(tmp_path, **SMALL)
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
+def test_non_finite_target_is_named(tmp_path, value):
+    _, te = _write(tmp_path)
+    te[5, 27] = value
+    scipy.io.savemat(tmp_path / "sarcos_inv_test.mat", {"sarcos_inv_test": te})
+    with pytest.raises(DataFormatError, match=r"sarcos_inv_test\.mat: variable 'sarcos_inv_test' has a non-finite value at row 5, column 27"):
         load_sarcos(tmp_path, **SMALL)

@@ -56,7 +56,8 @@ _ATTR_FILE, _PART_FILE, _IMG_DIR = "list_attr_celeba.txt", "list_eval_partition.
 
 def _lines(path: Path) -> list[str]:
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark some editors add would otherwise spoil the count on line 1.
+        with open(path, encoding="utf-8-sig") as f:
             return f.read().splitlines()
     except UnicodeDecodeError as e:
         raise DataFormatError(f"{path}: not a text file ({e}).") from None
@@ -70,9 +71,10 @@ def read_celeba_attributes(path: str | os.PathLike) -> tuple[list[str], np.ndarr
       (-1 -> 0, 1 -> 1) and the A attribute names of line 2 (A = 40 for CelebA).
 
     Raises DataFormatError naming the file, the line and what was expected for a bad
-    count line, a header line that holds values instead of names, a line with the
-    wrong number of fields or a value other than -1 / 1, a duplicate image id, or a
-    count that differs from the number of lines. Blank lines are ignored.
+    count line, a header line that holds values instead of names or repeats a name, a
+    line with the wrong number of fields or a value other than -1 / 1, an image id that
+    is not a plain file name, a duplicate image id, or a count that differs from the
+    number of lines, or no image at all. Blank lines and a leading byte-order mark are ignored.
 
     >>> import tempfile, pathlib
     >>> with tempfile.TemporaryDirectory() as d:
@@ -101,6 +103,9 @@ def read_celeba_attributes(path: str | os.PathLike) -> tuple[list[str], np.ndarr
             f"{path}, line 2: expected the attribute names (e.g. '5_o_Clock_Shadow Arched_Eyebrows ...'), "
             f"got {lines[1][:80]!r}."
         )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataFormatError(f"{path}, line 2: attribute name(s) {repeated} appear more than once; expected distinct names.")
     a = len(names)
     ids: list[str] = []
     rows: list[list[str]] = []
@@ -113,8 +118,13 @@ def read_celeba_attributes(path: str | os.PathLike) -> tuple[list[str], np.ndarr
                 f"{path}, line {lineno}: expected an image id and {a} values (-1 or 1), got {len(fields)} fields: "
                 f"{line[:80]!r}."
             )
+        _check_image_id(path, lineno, fields[0])
         rows.append(fields[1:])
         ids.append(fields[0])
+    if not ids:
+        raise DataFormatError(
+            f"{path}: lists no images; expected one line 'image_id v1 ... v{a}' per image after the names line."
+        )
     values = np.array(rows, dtype=str).reshape(len(rows), a)
     is_pos, is_neg = values == "1", values == "-1"
     bad = ~(is_pos | is_neg)
@@ -135,6 +145,15 @@ def read_celeba_attributes(path: str | os.PathLike) -> tuple[list[str], np.ndarr
     return ids, is_pos.astype(np.int32), names
 
 
+def _check_image_id(path: Path, lineno: int, image_id: str) -> None:
+    """An image id must be a plain file name inside the image folder (no folder part, not '.' or '..')."""
+    if image_id in (".", "..") or "/" in image_id or "\\" in image_id:
+        raise DataFormatError(
+            f"{path}, line {lineno}: image id {image_id!r} is not a file name; expected a name such as "
+            f"'000001.jpg' of an image in {_IMG_DIR}/."
+        )
+
+
 def _data_line_numbers(lines: list[str], start: int = 2) -> list[int]:
     """1-based line numbers of the non-blank lines from ``start`` (0-based) on."""
     return [i + 1 for i in range(start, len(lines)) if lines[i].strip()]
@@ -144,7 +163,8 @@ def read_celeba_partition(path: str | os.PathLike) -> dict[str, int]:
     """Parse ``list_eval_partition.txt`` into ``{image_id: partition}`` (0 train, 1 valid, 2 test).
 
     Raises DataFormatError naming the file and line for a line that is not
-    ``image_id partition`` with partition 0, 1 or 2, or for a duplicate image id.
+    ``image_id partition`` with partition 0, 1 or 2, an image id that is not a plain
+    file name, or a duplicate image id.
     """
     path = Path(path)
     if not path.is_file():
@@ -159,6 +179,7 @@ def read_celeba_partition(path: str | os.PathLike) -> dict[str, int]:
                 f"{path}, line {lineno}: expected 'image_id partition' with partition 0 (train), 1 (valid) "
                 f"or 2 (test), got {line[:80]!r}."
             )
+        _check_image_id(path, lineno, fields[0])
         if fields[0] in out:
             raise DataFormatError(f"{path}, line {lineno}: duplicate image id {fields[0]!r}.")
         out[fields[0]] = int(fields[1])

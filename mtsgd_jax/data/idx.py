@@ -23,6 +23,7 @@ array([[0, 1, 2],
 from __future__ import annotations
 
 import gzip as _gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -45,6 +46,7 @@ IDX_DTYPES = {
 }
 _CODE_OF = {dt.newbyteorder("="): code for code, dt in IDX_DTYPES.items()}
 _GZIP_MAGIC = b"\x1f\x8b"
+_MAX_BYTES = 2**63 - 1
 
 
 def _read_bytes(path: Path) -> tuple[bytes, bool]:
@@ -108,8 +110,15 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         )
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = IDX_DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # Python integers: a product of up to 255 sizes below 2**32 overflows int64 (and can wrap to 0).
+    expected = math.prod(shape) * dtype.itemsize
     got = len(data) - header
+    if expected > _MAX_BYTES:
+        raise DataFormatError(
+            f"{path}: corrupt header: shape {shape} of {dtype.newbyteorder('=').name} would need {expected} bytes "
+            f"(more than 2**63); the {kind} file has {got} bytes after the header. Expected the sizes of the "
+            "stored array, e.g. (N, 28, 28) for MNIST images."
+        )
     if got < expected:
         raise DataFormatError(
             f"{path}: truncated data: shape {shape} of {dtype.newbyteorder('=').name} needs {expected} bytes "
@@ -196,7 +205,7 @@ def mnist_like_files(directory: str | os.PathLike, split: str) -> tuple[list[Pat
     return names("images", 3), names("labels", 1)
 
 
-def load_mnist_like(directory: str | os.PathLike, split: str = "train") -> MnistLike:
+def load_mnist_like(directory: str | os.PathLike, split: str = "train", *, num_classes: int | None = None) -> MnistLike:
     """Load one split of MNIST, Fashion-MNIST or any data set in the same IDX files.
 
     Args:
@@ -204,14 +213,17 @@ def load_mnist_like(directory: str | os.PathLike, split: str = "train") -> Mnist
         ``t10k-images-idx3-ubyte[.gz]`` and ``t10k-labels-idx1-ubyte[.gz]`` (raw or gzipped,
         detected from the content).
       split: ``"train"`` or ``"test"`` (the ``t10k`` files).
+      num_classes: if given, every label must lie in ``[0, num_classes)`` (10 for
+        MNIST and Fashion-MNIST).
 
     Returns:
-      :class:`MnistLike` with ``images`` (N, H, W) uint8 and ``labels`` (N,) int32.
+      :class:`MnistLike` with ``images`` (N, H, W) uint8 and ``labels`` (N,) int32, N >= 1.
 
     Raises:
       FileNotFoundError: a file is missing (the message lists every name tried).
-      DataFormatError: a file is not a valid IDX file, the images are not 3-D uint8,
-        the labels not 1-D uint8, or their counts differ.
+      DataFormatError: a file is not a valid IDX file, the images are not 3-D uint8
+        with at least one non-empty image, the labels not 1-D uint8, their counts
+        differ, or a label is outside ``[0, num_classes)``.
 
     >>> import tempfile, numpy as np
     >>> with tempfile.TemporaryDirectory() as d:
@@ -240,6 +252,11 @@ def load_mnist_like(directory: str | os.PathLike, split: str = "train") -> Mnist
             f"{image_path}: expected uint8 images of shape (N, H, W) (magic 0x00000803), "
             f"got {images.dtype} of shape {images.shape}."
         )
+    if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
+        raise DataFormatError(
+            f"{image_path}: the header declares shape {images.shape}, so the file holds no image data; "
+            "expected at least one image of at least 1 x 1 pixels (e.g. (60000, 28, 28))."
+        )
     labels = read_idx(label_path)
     if labels.dtype != np.uint8 or labels.ndim != 1:
         raise DataFormatError(
@@ -250,5 +267,11 @@ def load_mnist_like(directory: str | os.PathLike, split: str = "train") -> Mnist
         raise DataFormatError(
             f"image/label count mismatch: {image_path} holds {images.shape[0]} images but "
             f"{label_path} holds {labels.shape[0]} labels."
+        )
+    if num_classes is not None and labels.size and int(labels.max()) >= num_classes:
+        row = int(np.argmax(labels >= num_classes))
+        raise DataFormatError(
+            f"{label_path}: label {int(labels[row])} at index {row} is outside [0, {num_classes}); "
+            f"expected {num_classes} classes (0..{num_classes - 1})."
         )
     return MnistLike(images=images, labels=labels.astype(np.int32))

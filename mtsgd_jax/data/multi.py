@@ -47,6 +47,7 @@ __all__ = [
     "CANVAS_SIZE",
     "ITEM_SIZE",
     "OFFSETS",
+    "NUM_CLASSES",
     "MULTI_VARIANTS",
     "MULTI_SIZES",
     "MultiDataset",
@@ -61,6 +62,8 @@ __all__ = [
 CANVAS_SIZE = 36
 ITEM_SIZE = 28
 OFFSETS = ((0, 0), (8, 8))
+# Classes of MNIST and of Fashion-MNIST; the labels of every source file must lie in [0, NUM_CLASSES).
+NUM_CLASSES = 10
 # variant -> (source of the top-left item, source of the bottom-right item)
 MULTI_VARIANTS = {
     "multi-mnist": ("mnist", "mnist"),
@@ -215,16 +218,20 @@ def _load_cache(path: Path, meta_json: str, n: int):
         return None
     if canvases.shape != (n, CANVAS_SIZE, CANVAS_SIZE) or labels.shape != (n, 2) or indices.shape != (n, 2):
         return None
+    if canvases.dtype != np.uint8 or (labels.size and not (labels.min() >= 0 and labels.max() < NUM_CLASSES)):
+        return None
     return canvases, labels, indices
 
 
 def _save_cache(path: Path, meta_json: str, canvases, labels, indices) -> None:
-    """Write atomically (temporary file then rename) so an interrupted write never leaves a half cache."""
+    """Write atomically (temporary file, fsync, rename) so an interrupted write never leaves a half cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, meta=np.array(meta_json), canvases=canvases, labels=labels, indices=indices)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -262,6 +269,11 @@ def multi_mnist(
       :class:`MultiDataset`: images (N, 36, 36, 1) float32 in [0, 1], labels (N, 2)
       int32, indices (N, 2) into the source split(s). At the seed's size the training
       images take 622 MB as float32 (the cache file stores uint8: 156 MB).
+
+    Raises:
+      FileNotFoundError: no IDX files for a source (the message lists the folders tried).
+      DataFormatError: a source file is malformed (see :func:`~mtsgd_jax.data.load_mnist_like`),
+        its items are not 28 x 28, or a label is outside 0..9.
     """
     if variant not in MULTI_VARIANTS:
         raise ValueError(f"variant must be one of {sorted(MULTI_VARIANTS)}, got {variant!r}.")
@@ -293,7 +305,7 @@ def multi_mnist(
             canvases, labels, indices = cached
             return MultiDataset(_to_unit_float(canvases), labels.astype(np.int32), indices.astype(np.int64))
 
-    pools = {s: load_mnist_like(d, split) for s, d in dirs.items()}
+    pools = {s: load_mnist_like(d, split, num_classes=NUM_CLASSES) for s, d in dirs.items()}
     for s, pool in pools.items():
         if pool.images.shape[1:] != (ITEM_SIZE, ITEM_SIZE):
             raise DataFormatError(

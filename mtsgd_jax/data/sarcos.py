@@ -81,9 +81,19 @@ class Sarcos(NamedTuple):
 def read_mat_matrix(path: str | os.PathLike, variable: str, num_columns: int | None = None) -> np.ndarray:
     """One 2-D numeric variable of a MATLAB (v4 to v7.2) ``.mat`` file, as float64.
 
+    Args:
+      path: the ``.mat`` file.
+      variable: the MATLAB variable to read.
+      num_columns: if given, the number of columns the matrix must have.
+
+    Returns:
+      (rows, columns) float64, at least one row; a sparse variable is returned dense.
+
     Raises FileNotFoundError for a missing file and DataFormatError (naming the file) for
     an unreadable file, a missing variable (listing those present), a non-2-D or non-numeric
-    variable, a wrong column count or non-finite values.
+    variable (cell and struct arrays included), a complex matrix with a nonzero imaginary
+    part, a matrix with no rows, a wrong column count (saying so when the matrix looks
+    transposed) or non-finite values (naming the first one's row and column).
 
     >>> import tempfile, os, numpy as np, scipy.io
     >>> with tempfile.TemporaryDirectory() as d:
@@ -108,14 +118,30 @@ def read_mat_matrix(path: str | os.PathLike, variable: str, num_columns: int | N
     present = sorted(k for k in contents if not k.startswith("__"))
     if variable not in contents:
         raise DataFormatError(f"{path}: no variable {variable!r} in the .mat file (variables present: {present}).")
-    a = np.asarray(contents[variable])
+    value = contents[variable]
+    if hasattr(value, "toarray"):  # a MATLAB sparse matrix loads as scipy.sparse
+        value = value.toarray()
+    a = np.asarray(value)
     if a.ndim != 2 or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        kind = {"O": "a cell array", "V": "a struct array", "U": "a char array"}.get(a.dtype.kind, str(a.dtype))
         raise DataFormatError(
-            f"{path}: variable {variable!r} should be a 2-D numeric matrix, got {a.dtype} of shape {a.shape}."
+            f"{path}: variable {variable!r} should be a 2-D real numeric matrix, got {kind} of shape {a.shape}."
         )
+    if np.iscomplexobj(a):
+        nonreal = np.argwhere(a.imag != 0)
+        if len(nonreal):
+            r, c = nonreal[0]
+            raise DataFormatError(
+                f"{path}: variable {variable!r} is complex ({a.dtype}) with a nonzero imaginary part, first at "
+                f"row {r}, column {c} ({a[r, c]}); expected a real matrix."
+            )
+        a = a.real
+    if a.shape[0] == 0:
+        raise DataFormatError(f"{path}: variable {variable!r} has no rows (shape {a.shape}); expected at least one.")
     if num_columns is not None and a.shape[1] != num_columns:
+        hint = " (it looks transposed: save the matrix with one row per sample)" if a.shape[0] == num_columns else ""
         raise DataFormatError(
-            f"{path}: variable {variable!r} has {a.shape[1]} columns, expected {num_columns} (shape {a.shape})."
+            f"{path}: variable {variable!r} has {a.shape[1]} columns, expected {num_columns} (shape {a.shape}){hint}."
         )
     a = a.astype(np.float64)
     if not np.all(np.isfinite(a)):
