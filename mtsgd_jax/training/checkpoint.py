@@ -24,10 +24,13 @@ and replaying epochs e, e+1, ... repeats the uninterrupted run exactly.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import os
 import shutil
+import sys
 import warnings
 from typing import Any, Callable
 
@@ -91,9 +94,9 @@ def state_digest(state: Any) -> str:
     """
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        a = np.ascontiguousarray(np.asarray(leaf))
+        a = np.asarray(leaf)
         h.update(_canonical([jax.tree_util.keystr(path), str(a.dtype), list(a.shape)]))
-        h.update(a.tobytes())
+        h.update(a.tobytes(order="C"))
     return h.hexdigest()
 
 
@@ -184,6 +187,26 @@ class _Damaged(Exception):
     pass
 
 
+@contextlib.contextmanager
+def _quiet_orbax_coroutines():
+    """Silence the "Exception ignored in <coroutine>" reports of orbax's other array reads
+    after one read failed (the failure itself is reported as the damage reason)."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous
+
+
 def read_checkpoint_meta(directory):
     """``(epoch, meta)`` of the newest checkpoint whose JSON record is intact, or None when there is none.
 
@@ -271,7 +294,8 @@ def restore_checkpoint(
                 )
             abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
             try:
-                state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+                with _quiet_orbax_coroutines():
+                    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
                 digest = state_digest(state)
             except Exception as e:  # noqa: BLE001
                 damaged.append((step, f"arrays unreadable, {_reason(e)}"))
