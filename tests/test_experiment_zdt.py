@@ -2,8 +2,10 @@
 
 import json
 import math
+import os
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from mtsgd_jax import cli
@@ -90,3 +92,59 @@ def test_cli_rejects_bad_arguments(zdt_main, capsys):
     assert "bad option" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="multiple of --trace-every"):
         zdt_main(["zdt", "--steps", "150", "--trace-every", "100"])
+
+
+def _fake_run_zdt(seeds, methods, *, num_particles, num_variables, steps, lr, temperature, trace_every, progress):
+    """A run_zdt result with the real structure and made-up numbers (no compilation)."""
+    rng = np.random.default_rng(0)
+    t = np.arange(0, steps + 1, trace_every)
+    n = len(seeds)
+    recs = {
+        m: {
+            "temperature": temperature, "lr": lr, "compile_s": 0.1, "wall_s": [0.2 + 0.1 * i for i in range(n)],
+            "final": [{k: float(rng.uniform(0.1, 1.0)) for k in exp.METRICS} for _ in range(n)],
+            "particle_range": [[0.1, 0.9]] * n, "steps": t,
+            "curves": {k: rng.uniform(0.1, 1.0, size=(n, len(t))) for k in ("hv", "hv_published", "igd")},
+            "objectives": rng.uniform(0.0, 1.0, size=(n, num_particles, 2)),
+        }
+        for m in methods
+    }
+    config = {"num_variables": num_variables, "num_particles": num_particles, "steps": steps, "lr": lr,
+              "temperature": temperature, "trace_every": trace_every}
+    return {"seeds": list(seeds), "methods": recs, "optimal": {"hv": 1.33, "hv_published": 6.5}, "config": config}
+
+
+def test_failing_figure_keeps_zdt3_json(tmp_path, capsys, zdt_main, monkeypatch):
+    """The results are written before the figures; a failing figure does not stop the other one; exit status 1."""
+    runs = []
+
+    def fake_run(*args, **kwargs):
+        runs.append(_fake_run_zdt(*args, **kwargs))
+        return runs[-1]
+
+    def broken(result, path):
+        raise MemoryError("figure too large")
+
+    monkeypatch.setattr(exp, "run_zdt", fake_run)
+    monkeypatch.setattr(exp, "plot_fronts", broken)
+    out = tmp_path / "zdt3"
+    code = zdt_main(
+        ["zdt", "--out", str(out), "--seeds", "0", "1", "--num-particles", "4", "--steps", "20", "--num-variables", "3",
+         "--trace-every", "10", "--methods", "linear", "mtsgd", "--no-progress"]
+    )
+    assert code == 1
+    captured = capsys.readouterr()
+    js = out / "zdt3.json"
+    assert f"{out / 'zdt3_fronts.png'}: MemoryError: figure too large" in captured.err
+    assert f"the results are kept in {js}" in captured.err
+    assert "HV (1.1, 1.1)" in captured.out  # the table was printed before plotting
+    payload = json.loads(js.read_text())
+    (result,) = runs
+    assert payload["config"]["steps"] == 20 and list(payload["methods"]) == ["linear", "mtsgd"]
+    for label, rec in result["methods"].items():
+        hv = [f["hv"] for f in rec["final"]]
+        assert payload["summary"][label]["hv"]["mean"] == pytest.approx(float(np.mean(hv)), rel=1e-12)
+        assert payload["summary"][label]["hv"]["std"] == pytest.approx(float(np.std(hv, ddof=1)), rel=1e-12)
+        assert payload["methods"][label]["final"] == rec["final"] and payload["methods"][label]["steps"] == [0, 10, 20]
+    assert (out / "zdt3_hv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the other figure was still drawn
+    assert sorted(os.listdir(out)) == ["zdt3.json", "zdt3_hv.png"]
