@@ -1,7 +1,13 @@
-"""``mtsgd train`` end to end on a tiny configuration, resume, and the missing / malformed data messages."""
+"""``mtsgd train`` end to end on a tiny configuration, resume (refused settings, damaged checkpoints),
+and the missing / malformed data messages."""
 
 import argparse
+import contextlib
+import glob
+import io
 import json
+import os
+import shutil
 
 import pytest
 
@@ -25,23 +31,52 @@ def test_help_lists_the_options(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     for opt in ("--task", "--method", "--num-particles", "--epochs", "--batch-size", "--lr", "--optimizer",
-                "--data-dir", "--out", "--seed", "--kernel-space", "--resume"):
+                "--data-dir", "--out", "--seed", "--kernel-space", "--resume", "--allow-changed"):
         assert opt in out
 
 
+COMMON = ["--task", "multi-digits", "--method", "linear_scalarization", "--num-particles", "3",
+          "--batch-size", "32", "--num-train", "512", "--num-eval", "200", "--optimizer", "adam",
+          "--lr", "2e-3", "--seed", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    """One 2-epoch run of COMMON (checkpoints at epochs 1 and 2); tests resume from copies of it."""
+    out = tmp_path_factory.mktemp("cli-train") / "run"
+    args = _parser().parse_args(["train", *COMMON, "--out", str(out), "--epochs", "2"])
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert args.func(args) == 0
+    return out, stdout.getvalue()
+
+
+def _copy(run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run[0], out)
+    return out, COMMON + ["--out", str(out)]
+
+
+def _flip_array_bytes(out, epoch):
+    files = [f for f in glob.glob(os.path.join(out, "checkpoints", str(epoch), "state", "**"), recursive=True)
+             if os.path.isfile(f)]
+    path = max(files, key=os.path.getsize)
+    data = bytearray(open(path, "rb").read())
+    for i in range(len(data) // 2, len(data) // 2 + 16):
+        data[i] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
 @pytest.mark.slow
-def test_train_multi_digits_end_to_end_beats_chance_and_resumes(tmp_path, capsys):
+def test_train_multi_digits_end_to_end_beats_chance_and_resumes(two_epochs, tmp_path, capsys):
     """A short run on Multi-Digits (M = 3, 512 pairs, 2 epochs), then --resume for a third epoch;
     the ensemble must clearly beat chance (10%)."""
-    out = tmp_path / "run"
-    common = ["--task", "multi-digits", "--method", "linear_scalarization", "--num-particles", "3",
-              "--batch-size", "32", "--num-train", "512", "--num-eval", "200", "--optimizer", "adam",
-              "--lr", "2e-3", "--out", str(out), "--seed", "1", "--no-progress"]
-    assert _run(common + ["--epochs", "2"]) == 0
-    text = capsys.readouterr().out
+    out, common = _copy(two_epochs, tmp_path)
+    text = two_epochs[1]
     assert "ensemble acc" in text and "top_left" in text and "bottom_right" in text
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert (out / "checkpoints").is_dir()
+    capsys.readouterr()
     assert _run(common + ["--epochs", "3", "--resume"]) == 0
     text = capsys.readouterr().out
     assert "epoch    3" in text and "epoch    1 " not in text  # continued, did not start over
@@ -51,6 +86,8 @@ def test_train_multi_digits_end_to_end_beats_chance_and_resumes(tmp_path, capsys
     assert all(a > b for a, b in zip(losses[0], losses[-1]))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["method"] == "linear_scalarization" and summary["config"]["epochs"] == 3
+    assert summary["config"]["lr"] == 2e-3 and summary["config"]["optimizer"] == "adam"
+    assert summary["config"]["setting_changes"] == []
     assert summary["metrics"]["ensemble_accuracy"] > 0.4, summary["metrics"]  # chance: 0.1
     for task in ("top_left", "bottom_right"):
         assert summary["metrics"]["tasks"][task]["ensemble_accuracy"] > 0.3
@@ -78,3 +115,52 @@ def test_malformed_data_file_gives_a_clear_message(tmp_path, capsys):
 def test_missing_data_dir_for_a_file_based_task(capsys):
     assert _run(["--task", "celeba", "--no-progress"]) == 2
     assert "data directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_settings_unless_allowed(two_epochs, tmp_path, capsys):
+    out, common = _copy(two_epochs, tmp_path)
+    log = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    # another lr and optimiser: refused, each difference listed, nothing touched
+    assert _run(common + ["--epochs", "3", "--resume", "--lr", "1e-3", "--optimizer", "sgd"]) == 2
+    err = capsys.readouterr().err
+    assert "lr: saved 0.002, requested 0.001" in err and "optimizer: saved 'adam', requested 'sgd'" in err
+    assert "--allow-changed lr,optimizer" in err and "Traceback" not in err
+    assert (out / "metrics.jsonl").read_text() == log
+    # an option the method does not use changes nothing: accepted (MT-SGD's weighting, for linear scalarisation)
+    assert _run(common + ["--epochs", "2", "--resume", "--weighting", "normalized"]) == 0
+    capsys.readouterr()
+    # allowed, but the saved optimiser state cannot serve SGD: a clear message naming the arrays
+    assert _run(common + ["--epochs", "3", "--resume", "--optimizer", "sgd", "--allow-changed", "optimizer"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "opt_state" in err
+    # unknown setting names are refused
+    assert _run(common + ["--epochs", "3", "--resume", "--lr", "1e-3", "--allow-changed", "learning-rate"]) == 2
+    assert "unknown settings ['learning_rate']" in capsys.readouterr().err
+    # allowed: the summary reports the settings used and the change (--epochs may change without override)
+    assert _run(common + ["--epochs", "2", "--resume", "--lr", "1e-3", "--allow-changed", "lr,epochs"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["lr"] == 1e-3 and summary["config"]["epochs"] == 2
+    assert summary["config"]["setting_changes"] == [
+        {"epoch": 2, "changed": {"lr": {"saved": 2e-3, "requested": 1e-3}}}
+    ]
+
+
+@pytest.mark.slow
+def test_resume_skips_a_damaged_checkpoint_and_stops_when_none_is_intact(two_epochs, tmp_path, capsys):
+    out, common = _copy(two_epochs, tmp_path)
+    capsys.readouterr()
+    _flip_array_bytes(out, 2)
+    assert _run(common + ["--epochs", "1", "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "mtsgd train: warning: checkpoint epoch 2 in" in captured.err
+    assert "is damaged (" in captured.err and "); resuming from epoch 1" in captured.err
+    assert "Traceback" not in captured.err and "Exception ignored" not in captured.err
+    assert [json.loads(s)["epoch"] for s in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert (out / "checkpoints.damaged" / "2").is_dir()
+    _flip_array_bytes(out, 1)
+    assert _run(common + ["--epochs", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "mtsgd train: cannot --resume: no intact checkpoint" in err and "epoch 1: " in err
+    assert "Traceback" not in err

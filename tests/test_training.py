@@ -225,3 +225,179 @@ def test_batch_norm_statistics_are_trained_and_used_per_particle():
     s0 = jax.tree_util.tree_map(lambda a: a[0], new.model_state)
     manual = jax.nn.softmax(task.model.apply({"params": p0, **s0}, x, train=False), -1)
     np.testing.assert_allclose(probs[0], np.asarray(manual), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- resume you can trust, honest progress
+
+import copy  # noqa: E402
+import glob  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+
+from mtsgd_jax.training.checkpoint import CheckpointDamagedWarning, CheckpointError, StateMismatchError  # noqa: E402
+from mtsgd_jax.training.trainer import ResumeMismatchError  # noqa: E402
+
+
+def _assert_same_state(a, b):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _with_settings(tr, **settings):
+    """The same trainer (same compiled step) described by other settings: what a run built with another
+    learning rate or weighting records. Only the record matters to resume's comparison."""
+    other = copy.copy(tr)
+    other.settings = {**tr.settings, **settings}
+    return other
+
+
+def _flip_array_bytes(ckpt_dir, epoch):
+    files = [f for f in glob.glob(os.path.join(ckpt_dir, str(epoch), "state", "**"), recursive=True) if os.path.isfile(f)]
+    path = max(files, key=os.path.getsize)
+    data = bytearray(open(path, "rb").read())
+    for i in range(len(data) // 2, len(data) // 2 + 16):
+        data[i] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def test_resume_from_a_damaged_checkpoint_falls_back_and_still_equals_the_uninterrupted_run(task, tmp_path):
+    tr = _trainer(task, "pareto_mtl")
+    straight = tr.fit(3, seed=3, out_dir=tmp_path / "a", progress=False)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    ckpt_dir = str(tmp_path / "b" / "checkpoints")
+    _flip_array_bytes(ckpt_dir, 3)
+    with pytest.warns(CheckpointDamagedWarning, match=r"checkpoint epoch 3 in .* is damaged \(.+\); resuming from epoch 2"):
+        resumed = tr.fit(3, seed=3, out_dir=tmp_path / "b", resume=True, progress=False)
+    _assert_same_state(straight.state, resumed.state)
+    lines = [json.loads(s) for s in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert lines[-1]["train_loss"] == straight.history[-1]["train_loss"]
+    assert os.path.isdir(str(tmp_path / "b" / "checkpoints.damaged" / "3"))  # kept for inspection
+    again = tr.fit(3, seed=3, out_dir=tmp_path / "b", resume=True, progress=False)  # epoch 3 saved again, intact
+    _assert_same_state(straight.state, again.state)
+    # every epoch damaged: a clear error, nothing trained
+    _flip_array_bytes(ckpt_dir, 3)
+    _flip_array_bytes(ckpt_dir, 2)
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint(.|\n)*epoch 3: (.|\n)*epoch 2: "):
+        tr.fit(3, seed=3, out_dir=tmp_path / "b", resume=True, progress=False)
+
+
+def test_resume_after_an_interruption_mid_epoch_equals_the_uninterrupted_run(task, tmp_path):
+    tr = _trainer(task, "pareto_mtl")
+    straight = tr.fit(2, seed=5, out_dir=tmp_path / "a", progress=False)
+    interrupted = copy.copy(tr)
+    calls = []
+
+    def step(state, x, y):
+        calls.append(1)
+        if len(calls) == 3:  # the second epoch's first step (2 steps per epoch)
+            raise KeyboardInterrupt
+        return tr.step(state, x, y)
+
+    interrupted.step = step
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit(2, seed=5, out_dir=tmp_path / "b", progress=False)
+    resumed = tr.fit(2, seed=5, out_dir=tmp_path / "b", resume=True, progress=False)
+    _assert_same_state(straight.state, resumed.state)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+
+
+def test_resume_refuses_changed_settings_unless_allowed(task, tmp_path):
+    base = _with_settings(_trainer(task, "mtsgd"), optimizer="adam", lr=0.01, weighting="stein")
+    out = tmp_path / "run"
+    first = base.fit(1, seed=2, out_dir=out, progress=False)
+    assert first.config["lr"] == 0.01 and first.config["param_dtypes"] == ["float32"]
+    assert first.config["setting_changes"] == []
+    saved = (out / "metrics.jsonl").read_text()
+
+    changed = _with_settings(base, lr=0.001, weighting="normalized")
+    with pytest.raises(ResumeMismatchError, match="another configuration") as exc:
+        changed.fit(1, seed=2, out_dir=out, resume=True, progress=False)
+    assert exc.value.differences == {"lr": (0.01, 0.001), "weighting": ("stein", "normalized")}
+    assert "lr: saved 0.01, requested 0.001" in str(exc.value) and "weighting: saved 'stein'" in str(exc.value)
+    assert (out / "metrics.jsonl").read_text() == saved  # nothing touched
+    # the seed is a setting too; the number of epochs is not
+    with pytest.raises(ResumeMismatchError) as exc:
+        base.fit(1, seed=3, out_dir=out, resume=True, progress=False)
+    assert exc.value.differences == {"seed": (2, 3)}
+    # allowing only part of the changes still refuses, listing the rest
+    with pytest.raises(ResumeMismatchError) as exc:
+        changed.fit(1, seed=2, out_dir=out, resume=True, progress=False, allow_changed=["lr"])
+    assert exc.value.differences == {"weighting": ("stein", "normalized")}
+    with pytest.raises(ValueError, match=r"unknown settings \['learning_rate'\]"):
+        changed.fit(1, seed=2, out_dir=out, resume=True, progress=False, allow_changed="lr,learning_rate")
+    # allowed: continues, and the result reports the settings used and the change
+    res = changed.fit(1, seed=2, out_dir=out, resume=True, progress=False, allow_changed="lr,weighting,epochs")
+    assert res.config["lr"] == 0.001 and res.config["weighting"] == "normalized" and res.config["epochs"] == 1
+    assert res.config["setting_changes"] == [
+        {"epoch": 1, "changed": {"lr": {"saved": 0.01, "requested": 0.001},
+                                 "weighting": {"saved": "stein", "requested": "normalized"}}}
+    ]
+    # another number of particles: a settings error listing it, not an orbax traceback
+    with pytest.raises(ResumeMismatchError) as exc:
+        _trainer(task, "single_task").fit(1, seed=2, out_dir=out, resume=True, progress=False)
+    assert exc.value.differences["num_particles"] == (M, 2 * M) and exc.value.differences["method"] == ("mtsgd", "single_task")
+    # a change whose state does not fit, even when allowed: the arrays that differ are named
+    sgd = Trainer(task, base.method, make_optimizer("sgd", 0.01), batch_size=BATCH, key_impl="rbg",
+                  settings={**base.settings, "optimizer": "sgd"})
+    with pytest.raises(StateMismatchError, match=r"opt_state"):
+        sgd.fit(1, seed=2, out_dir=out, resume=True, progress=False, allow_changed=["optimizer"])
+
+
+class _RecordingBar:
+    """Stands in for tqdm: checks at every update that the steps it counts have finished."""
+
+    instances: list = []
+
+    def __init__(self, total, **_):
+        self.total, self.n, self.dispatched_at_update = total, 0, []
+        _RecordingBar.instances.append(self)
+
+    def update(self, k):
+        self.n += k
+        assert all(v.is_ready() for v in _DISPATCHED[: self.n]), "the bar counted a step that had not finished"
+        self.dispatched_at_update.append(len(_DISPATCHED))
+
+    def close(self):
+        pass
+
+
+_DISPATCHED: list = []
+
+
+@jax.jit
+def _slow_identity(values, a):
+    """``values`` again (exactly), ready only after some milliseconds of matrix products."""
+    for _ in range(4):
+        a = jnp.tanh(a @ a)
+    return values + 0.0 * jnp.sum(a).astype(values.dtype)
+
+
+def test_progress_bar_counts_finished_steps_not_dispatched_ones(task, monkeypatch):
+    import tqdm.auto
+
+    tr = _trainer(task, "mgda")
+    big = jnp.full((400, 400), 1e-3, jnp.float32)
+    _slow_identity(jnp.zeros((2, M), jnp.float32), big).block_until_ready()  # compiled before timing matters
+    slow = copy.copy(tr)
+
+    def step(state, x, y):
+        state, values = tr.step(state, x, y)
+        values = _slow_identity(values, big)  # dispatched asynchronously: not ready on return
+        _DISPATCHED.append(values)
+        return state, values
+
+    slow.step = step
+    monkeypatch.setattr(tqdm.auto, "tqdm", _RecordingBar)
+    _DISPATCHED.clear()
+    _RecordingBar.instances.clear()
+    state = tr.init(0)
+    new, loss, _, steps = slow.train_epoch(state, seed=0, epoch=0, progress=True)
+    (bar,) = _RecordingBar.instances
+    assert steps == 2 and bar.total == 2 and bar.n == 2
+    assert bar.dispatched_at_update == [2, 2]  # one step kept in flight while waiting for the previous one
+    # the losses are the step's own (the slow identity is exact)
+    ref, ref_loss, _, _ = tr.train_epoch(state, seed=0, epoch=0, progress=False)
+    np.testing.assert_array_equal(loss, ref_loss)
+    _assert_same_state(new, ref)
