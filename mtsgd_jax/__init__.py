@@ -10,6 +10,7 @@ linear scalarisation (:func:`linear_scalarization`) and Pareto MTL
 (:func:`pareto_mtl`) behind the same interface.
 """
 
+from mtsgd_jax.algorithm import SamplerState, SamplingAlgorithm, StepInfo, mtsgd_sampler
 from mtsgd_jax.kernels import (
     KernelMatrices,
     KernelProducts,
@@ -33,7 +34,16 @@ from mtsgd_jax.particles import (
 )
 from mtsgd_jax.problems import ToyProblem, ZDTProblem, toy_problem, zdt
 from mtsgd_jax.qp import SOLVERS, min_norm_weights, projection_simplex
-from mtsgd_jax.sampling import SampleResult, Trace, find_stein_state, sample, shard_particles
+from mtsgd_jax.sampling import (
+    NonFiniteError,
+    NonFiniteReport,
+    NonFiniteWarning,
+    SampleResult,
+    Trace,
+    find_stein_state,
+    sample,
+    shard_particles,
+)
 from mtsgd_jax.stein import (
     SteinQuantities,
     gram_matrix,
@@ -74,13 +84,19 @@ __all__ = [
     "MGDAState",
     "MOOSVGDState",
     "MTSGDState",
+    "NonFiniteError",
+    "NonFiniteReport",
+    "NonFiniteWarning",
     "ParetoMTLState",
     "ParticleSpec",
     "RadialKernel",
     "SOLVERS",
     "SVGDState",
     "SampleResult",
+    "SamplerState",
+    "SamplingAlgorithm",
     "SteinQuantities",
+    "StepInfo",
     "ToyProblem",
     "Trace",
     "WEIGHTINGS",
@@ -104,6 +120,7 @@ __all__ = [
     "min_norm_weights",
     "moo_svgd",
     "mtsgd",
+    "mtsgd_sampler",
     "num_particles",
     "pairwise_sq_dists",
     "pareto_mtl",

@@ -4,20 +4,37 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
+import numbers
+import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from mtsgd_jax._validation import num_particles, tree_shapes_match
-from mtsgd_jax.targets import TargetFns, log_prob_value_and_loss_grads, stack_targets
-from mtsgd_jax.transforms import MTSGDState, SVGDState
+from mtsgd_jax import algorithm as _algorithm
+from mtsgd_jax._validation import leaf_paths, num_particles
+from mtsgd_jax.algorithm import find_stein_state, mtsgd_sampler
+from mtsgd_jax.targets import TargetFns, stack_targets
 
 PyTree = Any
 Array = jax.Array
 
-__all__ = ["Trace", "SampleResult", "sample", "find_stein_state", "shard_particles"]
+__all__ = [
+    "Trace",
+    "SampleResult",
+    "NonFiniteReport",
+    "NonFiniteWarning",
+    "NonFiniteError",
+    "ON_NONFINITE",
+    "sample",
+    "find_stein_state",
+    "shard_particles",
+]
+
+ON_NONFINITE = ("warn", "raise", "ignore")
 
 
 class Trace(NamedTuple):
@@ -35,6 +52,10 @@ class Trace(NamedTuple):
         without an MT-SGD/SVGD stage).
       log_prob: (T, K, M) log-densities of the targets at the recorded
         particles (before the step that follows).
+      nonfinite: (T,) int32 number of non-finite particles at the last step
+        taken (position after it, or log-density/gradient at its start; see
+        :class:`~mtsgd_jax.algorithm.StepInfo`); at snapshot 0 the number of
+        initial particles with a non-finite position.
     """
 
     step: Array
@@ -42,6 +63,32 @@ class Trace(NamedTuple):
     weights: Array
     ksd: Array
     log_prob: Array
+    nonfinite: Array
+
+
+class NonFiniteReport(NamedTuple):
+    """How often particles became non-finite during a :func:`sample` run (() int32 arrays).
+
+    A particle counts at a step when its position after the step, or its
+    log-density or loss gradient at the start of the step, has a NaN or
+    infinite entry. Counted over all M particles, also when they are split
+    over devices.
+
+    Attributes:
+      steps: number of steps with at least one non-finite particle (0 for a
+        clean run).
+      first_step: index (0 .. num_steps - 1, counted from the start of this
+        call) of the first such step, i.e. the step that started from the
+        particles after ``first_step`` steps; -1 for a clean run.
+      max_particles: the largest number of non-finite particles at one step.
+      final_particles: number of returned particles with a non-finite
+        position.
+    """
+
+    steps: Array
+    first_step: Array
+    max_particles: Array
+    final_particles: Array
 
 
 class SampleResult(NamedTuple):
@@ -51,34 +98,42 @@ class SampleResult(NamedTuple):
       particles: final particles, leaves (M, ...).
       opt_state: final optimiser state (can resume sampling).
       trace: a :class:`Trace`, or ``None`` when ``trace_every`` is 0.
+      nonfinite: a :class:`NonFiniteReport`.
     """
 
     particles: PyTree
     opt_state: Any
     trace: Trace | None
+    nonfinite: NonFiniteReport
 
 
-def find_stein_state(opt_state: Any) -> MTSGDState | SVGDState | None:
-    """First :class:`MTSGDState` or :class:`SVGDState` inside an (optax chain) state."""
-    found = []
-
-    def visit(x):
-        if isinstance(x, (MTSGDState, SVGDState)):
-            found.append(x)
-        return x
-
-    jax.tree_util.tree_map(visit, opt_state, is_leaf=lambda x: isinstance(x, (MTSGDState, SVGDState)))
-    return found[0] if found else None
+class NonFiniteWarning(RuntimeWarning):
+    """:func:`sample` met particles with a non-finite position, log-density or gradient."""
 
 
-def _diagnostics(opt_state, k, dtype):
-    st = find_stein_state(opt_state)
-    if isinstance(st, MTSGDState):
-        return st.weights.astype(dtype), st.ksd.astype(dtype)
-    if isinstance(st, SVGDState):
-        return jnp.ones((1,), dtype), st.ksd[None].astype(dtype)
-    nan = jnp.full((k,), jnp.nan, dtype)
-    return nan, nan
+class NonFiniteError(FloatingPointError):
+    """Raised by ``sample(..., on_nonfinite="raise")`` after the run; ``.result`` holds the :class:`SampleResult`."""
+
+    def __init__(self, message: str, result: SampleResult | None = None):
+        super().__init__(message)
+        self.result = result
+
+
+def _nonfinite_message(steps, first, max_particles, final, num_steps, m) -> str:
+    return (
+        f"sample: non-finite particles (NaN or inf in the position, log-density or gradient) at {steps} of "
+        f"{num_steps} steps, first at step {first} (0-based), at most {max_particles} of {m} particles in one step; "
+        f"{final} of the returned particles are not finite. Check that every log-density is finite with a finite "
+        f"gradient wherever the particles go (e.g. on the initial particles), and try a smaller step size "
+        f"(learning rate). on_nonfinite='ignore' silences this; result.nonfinite has the counts."
+    )
+
+
+def _warn_from_device(steps, first, max_particles, final, num_steps, m):
+    """Host callback for runs traced inside an outer ``jax.jit``: warn once the counts are known."""
+    steps, first, max_particles, final = (int(np.max(np.asarray(v))) for v in (steps, first, max_particles, final))
+    if steps or final:
+        warnings.warn(_nonfinite_message(steps, first, max_particles, final, num_steps, m), NonFiniteWarning, stacklevel=2)
 
 
 class _Progress:
@@ -96,16 +151,6 @@ class _Progress:
         self.bar.close()
 
 
-def _check_updates(updates, particles):
-    if not tree_shapes_match(updates, particles):
-        shapes = jax.tree_util.tree_map(jnp.shape, updates)
-        raise ValueError(
-            "optimizer.update must turn per-target loss gradients (leaves (K, M, ...)) into updates "
-            f"shaped like the particles (leaves (M, ...)); got updates with shapes {shapes}. Put a "
-            "multi-target stage such as mtsgd(K) or svgd() first in the optax chain."
-        )
-
-
 _BARS: dict[int, _Progress] = {}
 _BAR_IDS = itertools.count()
 
@@ -116,29 +161,26 @@ def _tick(progress_id, n):
         bar.update(n)
 
 
-def _run_impl(particles, opt_state, target, optimizer, num_steps, trace_every, progress_every, progress_id, master_dtype=None):
-    dtype = jnp.result_type(*jax.tree_util.tree_leaves(particles))
-    if master_dtype is not None:
-        dtype = jnp.promote_types(dtype, jnp.float32)
-        low = jax.tree_util.tree_map(lambda a: a.dtype, particles)
-        to_low = lambda x: jax.tree_util.tree_map(lambda a, t: a.astype(t), x, low)  # noqa: E731
-        particles = jax.tree_util.tree_map(lambda a: a.astype(master_dtype), particles)
-    else:
-        to_low = lambda x: x  # noqa: E731
-
-    def log_prob(x):
-        return jax.vmap(stack_targets(target))(x).T  # (K, M)
+def _run_impl(
+    particles, opt_state, target, optimizer, num_steps, trace_every, progress_every, progress_id, master_dtype=None, axis_name=None
+):
+    algo = mtsgd_sampler(target, optimizer, master_dtype=master_dtype, axis_name=axis_name)
+    state0 = algo.init(particles, opt_state)
+    dtype = _algorithm.diagnostics_dtype(particles, state0.master)
+    i32 = jnp.int32
+    # running NonFiniteReport (final_particles slot: the count at the last step, for the trace)
+    report0 = NonFiniteReport(jnp.zeros((), i32), jnp.full((), -1, i32), jnp.zeros((), i32), jnp.zeros((), i32))
 
     def step(carry, i):
-        x, s = carry
-        xl = to_low(x)  # what the targets and the optimiser see (the particles' own dtype)
-        _, grads = log_prob_value_and_loss_grads(target, xl)
-        updates, s = optimizer.update(grads, s, xl)
-        _check_updates(updates, xl)
-        if master_dtype is None:
-            x = optax.apply_updates(x, updates)
-        else:  # accumulate in the master copy
-            x = jax.tree_util.tree_map(lambda a, u: a + u.astype(a.dtype), x, updates)
+        state, rep = carry
+        state, info = algo.step(state)
+        n = info.nonfinite
+        rep = NonFiniteReport(
+            steps=rep.steps + (n > 0).astype(i32),
+            first_step=jnp.where((rep.first_step < 0) & (n > 0), i.astype(i32), rep.first_step),
+            max_particles=jnp.maximum(rep.max_particles, n),
+            final_particles=n,
+        )
         if progress_every:
             jax.lax.cond(
                 (i + 1) % progress_every == 0,
@@ -146,30 +188,41 @@ def _run_impl(particles, opt_state, target, optimizer, num_steps, trace_every, p
                 lambda: jax.debug.callback(_tick, progress_id, progress_every),
                 lambda: None,
             )
-        return (x, s), None
+        return (state, rep), None
+
+    def finish(state, rep, trace):
+        final = _algorithm.count_nonfinite(state.particles, axis_name=axis_name)
+        return SampleResult(state.particles, state.opt_state, trace, rep._replace(final_particles=final))
 
     if not trace_every:
-        (x, s), _ = jax.lax.scan(step, (particles, opt_state), jnp.arange(num_steps))
-        return SampleResult(to_low(x), s, None)
+        (state, rep), _ = jax.lax.scan(step, (state0, report0), jnp.arange(num_steps))
+        return finish(state, rep, None)
 
-    k = log_prob(particles).shape[0]
+    k = jax.eval_shape(jax.vmap(stack_targets(target)), particles).shape[-1]
+
+    def log_prob(x):
+        return jax.vmap(stack_targets(target))(x).T  # (K, M)
 
     def chunk(carry, j):
         carry, _ = jax.lax.scan(step, carry, j * trace_every + jnp.arange(trace_every))
-        return carry, (to_low(carry[0]),) + _diagnostics(carry[1], k, dtype)
+        state, rep = carry
+        w, ksd = _algorithm.stein_diagnostics(state.opt_state, k, dtype)
+        return carry, (state.particles, w, ksd, rep.final_particles)
 
-    (x, s), (xs, ws, ksds) = jax.lax.scan(chunk, (particles, opt_state), jnp.arange(num_steps // trace_every))
+    (state, rep), (xs, ws, ksds, counts) = jax.lax.scan(chunk, (state0, report0), jnp.arange(num_steps // trace_every))
     # Snapshot 0 is the starting point, so snapshot t holds the particles after t * trace_every steps.
-    xs = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), to_low(particles), xs)
-    w0, ksd0 = _diagnostics(opt_state, k, dtype)
+    xs = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), particles, xs)
+    w0, ksd0 = _algorithm.stein_diagnostics(opt_state, k, dtype)
+    n0 = _algorithm.count_nonfinite(particles, axis_name=axis_name)
     trace = Trace(
         step=jnp.arange(num_steps // trace_every + 1) * trace_every,
         particles=xs,
         weights=jnp.concatenate([w0[None], ws]),
         ksd=jnp.concatenate([ksd0[None], ksds]),
         log_prob=jax.vmap(log_prob)(xs),
+        nonfinite=jnp.concatenate([n0[None], counts]),
     )
-    return SampleResult(to_low(x), s, trace)
+    return finish(state, rep, trace)
 
 
 _run = jax.jit(_run_impl, static_argnames=("target", "optimizer", "num_steps", "trace_every", "progress_every", "master_dtype"))
@@ -237,12 +290,14 @@ def _run_sharded(
             weights=P(),
             ksd=P(),
             log_prob=P(None, None, axis_name),
+            nonfinite=P(),
         )
+    report_specs = NonFiniteReport(P(), P(), P(), P())  # counts psum-ed over the devices: replicated
 
     def body(x, s, pid):
-        return _run_impl(x, s, target, optimizer, num_steps, trace_every, progress_every, pid, master_dtype)
+        return _run_impl(x, s, target, optimizer, num_steps, trace_every, progress_every, pid, master_dtype, axis_name)
 
-    fn = _shard_map(body, mesh, (p_specs, s_specs, P()), SampleResult(p_specs, s_specs, trace_specs))
+    fn = _shard_map(body, mesh, (p_specs, s_specs, P()), SampleResult(p_specs, s_specs, trace_specs, report_specs))
     return fn(particles, opt_state, progress_id)
 
 
@@ -277,6 +332,86 @@ def _check_mesh(particles, mesh, axis_name):
         raise ValueError(f"particles: M = {m} particles cannot be split evenly over the {size} devices of mesh axis {axis_name!r}.")
 
 
+def _as_count(name, value, *, allow_zero=True):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a non-negative int, got {value!r} ({type(value).__name__}).")
+    value = int(value)
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value}.")
+    return value
+
+
+def _check_particles(particles):
+    """Leaves must be floating-point arrays with a leading particle axis; clear hints otherwise."""
+    if isinstance(particles, (list, tuple)) and any(
+        isinstance(leaf, numbers.Number) for leaf in jax.tree_util.tree_leaves(particles)
+    ):
+        raise ValueError(
+            f"particles is a Python {type(particles).__name__} of numbers; pass an array of shape (M, d) instead, "
+            "e.g. particles=jnp.asarray(particles) (or a pytree of arrays with leaves (M, ...))."
+        )
+    for path, leaf in leaf_paths(particles):
+        if isinstance(leaf, numbers.Number) or not hasattr(leaf, "dtype"):
+            raise ValueError(
+                f"particles{path} is a {type(leaf).__name__}, not an array: every leaf needs shape (M, ...); "
+                "convert with jnp.asarray."
+            )
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise ValueError(
+                f"particles{path} has dtype {leaf.dtype}; particles must be floating point: "
+                f"use jnp.asarray(particles, jnp.float32) (or float64)."
+            )
+    return num_particles(particles)
+
+
+def _abstract(tree):
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple(jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in leaves)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_one_step(target, optimizer, master_dtype, mesh, axis_name, p_def, p_leaves, s_def, s_leaves):
+    """Trace ONE step abstractly (``jax.eval_shape``): shape errors surface before the loop is compiled.
+
+    Cached on the (hashable) configuration and abstract shapes, so repeated
+    calls cost a dictionary lookup.
+    """
+    x = jax.tree_util.tree_unflatten(p_def, p_leaves)
+    s = jax.tree_util.tree_unflatten(s_def, s_leaves)
+    algo = mtsgd_sampler(target, optimizer, master_dtype=master_dtype, axis_name=axis_name if mesh is not None else None)
+
+    def one(x, s):
+        new, _ = algo.step(algo.init(x, s))
+        return new.particles, new.opt_state
+
+    if mesh is None:
+        jax.eval_shape(one, x, s)
+        return
+    from jax.sharding import PartitionSpec as P
+
+    m = num_particles(x)
+    p_specs = _particle_specs(x, axis_name)
+    s_specs = _state_specs(optimizer, x, m, axis_name)
+    # step() raises while tracing; the output here is a placeholder
+    jax.eval_shape(_shard_map(lambda x, s: (one(x, s), jnp.zeros(()))[1], mesh, (p_specs, s_specs), P()), x, s)
+
+
+def _report(result, on_nonfinite, num_steps, m):
+    rep = result.nonfinite
+    if any(isinstance(v, jax.core.Tracer) for v in rep):  # inside an outer jax.jit: warn when the program runs
+        if on_nonfinite == "warn":
+            jax.debug.callback(functools.partial(_warn_from_device, num_steps=num_steps, m=m), *rep)
+        return result
+    steps, first, max_particles, final = (int(v) for v in rep)
+    if not (steps or final):
+        return result
+    message = _nonfinite_message(steps, first, max_particles, final, num_steps, m)
+    if on_nonfinite == "raise":
+        raise NonFiniteError(message, result)
+    warnings.warn(message, NonFiniteWarning, stacklevel=3)
+    return result
+
+
 def sample(
     log_probs: TargetFns,
     optimizer: optax.GradientTransformation,
@@ -289,11 +424,22 @@ def sample(
     mesh=None,
     axis_name: str = "particles",
     master_dtype=None,
+    on_nonfinite: str = "warn",
 ) -> SampleResult:
     """Run ``optimizer`` for ``num_steps`` steps on K unnormalised log-densities.
 
-    The whole loop is one jit-compiled ``lax.scan``; repeated calls with the
-    same targets, optimiser object and sizes reuse the compiled program.
+    The whole loop is one jit-compiled ``lax.scan`` over the ``step`` of
+    :func:`~mtsgd_jax.algorithm.mtsgd_sampler`; repeated calls with the same
+    targets, optimiser object and sizes reuse the compiled program. Before
+    compiling, one step is traced abstractly, so an optimiser that does not
+    return updates shaped like the particles, or changes its state's shapes
+    (e.g. ``optax.adam`` before ``mtsgd`` in ``optax.chain``), is reported
+    with a ValueError that says how to fix it.
+
+    Every step counts the particles whose position (after the step) or
+    log-density/gradient (at the step) is NaN or infinite: one reduction per
+    step, summarised in ``SampleResult.nonfinite`` and, with
+    ``on_nonfinite``, reported after the run.
 
     Args:
       log_probs: K functions ``log p_k(theta)`` of ONE particle, or one function
@@ -302,7 +448,8 @@ def sample(
       optimizer: an optax transformation whose ``update(grads, state, params)``
         takes per-target loss gradients with leaves (K, M, ...), e.g.
         ``optax.chain(mtsgd(K), optax.adam(3e-2))``.
-      particles: initial particles, pytree with leaves (M, ...).
+      particles: initial particles, pytree of floating-point arrays with
+        leaves (M, ...).
       num_steps: N >= 0.
       opt_state: optional optimiser state to resume from; ``optimizer.init``
         otherwise.
@@ -317,7 +464,8 @@ def sample(
         ``svgd(axis_name=...)``, ``moo_svgd(K, axis_name=...)``; ``mgda`` and
         ``linear_scalarization`` with shared weights need no communication),
         otherwise every device would sample on its own. Particles, per-particle
-        optimiser state and the trace stay sharded. See :func:`shard_particles`.
+        optimiser state and the trace stay sharded; the non-finite counts
+        cover all devices. See :func:`shard_particles`.
       axis_name: the mesh axis that splits the particles.
       master_dtype: mixed precision for low-precision particles (e.g.
         bfloat16): keep a copy of the particles in this dtype (e.g.
@@ -327,9 +475,24 @@ def sample(
         particles are cast back. Without it, steps smaller than half the
         bfloat16 spacing (about 0.4% of a coordinate) round away and the
         particles stall far from the origin.
+      on_nonfinite: what to do after a run in which some particle became
+        non-finite (see :class:`NonFiniteReport`): ``"warn"`` (default) issues
+        a :class:`NonFiniteWarning`; ``"raise"`` raises :class:`NonFiniteError`
+        (a ``FloatingPointError``) whose ``.result`` is the
+        :class:`SampleResult`; ``"ignore"`` only fills
+        ``SampleResult.nonfinite``. Reading the counts waits for the run to
+        finish; with ``"ignore"`` the call returns as soon as the program is
+        dispatched. When ``sample`` is itself traced inside ``jax.jit``,
+        ``"warn"`` warns from the compiled program once it runs and
+        ``"raise"`` is refused (the counts are not known while tracing).
 
     Returns:
       :class:`SampleResult`.
+
+    Raises:
+      ValueError: for malformed arguments, and when one step of ``optimizer``
+        does not keep the shapes (see above).
+      NonFiniteError: with ``on_nonfinite="raise"``.
 
     Example:
       >>> import jax, optax
@@ -337,16 +500,30 @@ def sample(
       >>> prob = toy_problem()
       >>> x0 = prob.init_particles(jax.random.key(0), 50)
       >>> res = sample(prob.log_prob, optax.chain(mtsgd(3), optax.adam(3e-2)), x0, 1000)
+      >>> int(res.nonfinite.steps), int(res.nonfinite.first_step)
+      (0, -1)
     """
-    num_particles(particles)
-    if not isinstance(num_steps, int) or num_steps < 0:
-        raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}.")
-    if not isinstance(trace_every, int) or trace_every < 0:
-        raise ValueError(f"trace_every must be a non-negative int, got {trace_every!r}.")
+    m = _check_particles(particles)
+    num_steps = _as_count("num_steps", num_steps)
+    trace_every = _as_count("trace_every", trace_every)
     if trace_every and num_steps % trace_every:
-        raise ValueError(f"trace_every ({trace_every}) must divide num_steps ({num_steps}).")
+        raise ValueError(
+            f"trace_every ({trace_every}) must divide num_steps ({num_steps}); e.g. trace_every="
+            f"{math.gcd(trace_every, num_steps) or 1} or num_steps={-(-num_steps // trace_every) * trace_every}."
+        )
+    if not isinstance(on_nonfinite, str) or on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}.")
     target = log_probs if callable(log_probs) else tuple(log_probs)
     stack_targets(target)  # validates
+    _algorithm._check_optimizer(optimizer)
+    for name, obj in (("log_probs", target), ("optimizer", optimizer)):
+        try:
+            hash(obj)
+        except TypeError:
+            raise TypeError(
+                f"{name} must be hashable (it is a static argument of the compiled loop), got an unhashable "
+                f"{type(obj).__name__}; pass a function or a tuple of functions."
+            ) from None
     if mesh is not None:
         _check_mesh(particles, mesh, axis_name)
     if master_dtype is not None:
@@ -355,6 +532,12 @@ def sample(
             raise ValueError(f"master_dtype must be a floating dtype (e.g. jnp.float32), got {master_dtype}.")
     if opt_state is None:
         opt_state = optimizer.init(particles)
+    if on_nonfinite == "raise" and any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(particles)):
+        raise ValueError(
+            "on_nonfinite='raise' needs the run's counts, which are not known while sample is traced inside "
+            "jax.jit; call sample outside jit, or use on_nonfinite='warn' / 'ignore' and check result.nonfinite."
+        )
+    _check_one_step(target, optimizer, master_dtype, mesh, axis_name, *_abstract(particles), *_abstract(opt_state))
     progress_every = max(1, num_steps // 100) if progress_bar and num_steps else 0
     pid = next(_BAR_IDS) % (2**31 - 1)
     if progress_every:
@@ -375,4 +558,6 @@ def sample(
         bar = _BARS.pop(pid, None)
         if bar is not None:
             bar.close()
-    return result
+    if on_nonfinite == "ignore":
+        return result
+    return _report(result, on_nonfinite, num_steps, m)

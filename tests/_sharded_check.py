@@ -71,6 +71,20 @@ for x, y in zip(full, out):
     np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-10, atol=1e-12)
 print("kernel_products ok")
 
+# Non-finite particles: counted over all devices (a NaN region on one coordinate, no communication needed).
+def nan_region(th):
+    return jnp.where(th[0] > 1.0, jnp.nan, prob.log_prob(th))
+
+
+nf_opt = optax.chain(mj.linear_scalarization(3), optax.sgd(0.05))
+a = mj.sample(nan_region, nf_opt, x0, 20, trace_every=5, on_nonfinite="ignore")
+b = mj.sample(nan_region, nf_opt, xs, 20, trace_every=5, mesh=mesh, on_nonfinite="ignore")
+assert int(a.nonfinite.steps) > 0, a.nonfinite
+for u, v in zip(a.nonfinite, b.nonfinite):
+    assert int(u) == int(v), (a.nonfinite, b.nonfinite)
+np.testing.assert_array_equal(np.asarray(b.trace.nonfinite), np.asarray(a.trace.nonfinite))
+print("nonfinite ok", [int(u) for u in b.nonfinite])
+
 # M not divisible by the number of devices: a clear error.
 try:
     mj.sample(prob.log_prob, optax.chain(mj.mtsgd(3, axis_name="particles"), optax.adam(1e-2)), x0[:22], 2, mesh=mesh)

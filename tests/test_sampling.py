@@ -230,3 +230,195 @@ def test_pytree_particles_through_sample(run20):
     assert res.trace.log_prob.shape == (N // EVERY + 1, 2, 16)
     flat = jnp.concatenate([res.particles["a"], res.particles["b"][:, None]], axis=1)
     np.testing.assert_allclose(np.asarray(flat), np.asarray(run20.particles), rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# non-finite particles: counted in the loop, reported after it
+# ---------------------------------------------------------------------------
+
+import warnings  # noqa: E402
+
+LINE_LR = 0.1
+LINE_OPT = optax.chain(_sum_over_targets(), optax.sgd(LINE_LR))
+
+
+def _line_logp(x):
+    # log p = -(x - 5)^2 / 2 on one coordinate, NaN (with zero gradient) past x = 2
+    return jnp.where(x[0] > 2.0, jnp.nan, -0.5 * (x[0] - 5.0) ** 2)
+
+
+LINE_STARTS = np.array([-3.0, -2.2, -1.5, -0.7, 0.1, 0.9, 1.6, 1.2])
+LINE_STEPS = 12
+
+
+def _line_counts(dtype):
+    """Independent simulation: per step t the particles whose log-density at x_t is NaN (x_t > 2)."""
+    x = LINE_STARTS.astype(dtype)
+    counts = []
+    for _ in range(LINE_STEPS):
+        bad = x > 2.0
+        counts.append(int(bad.sum()))
+        assert np.min(np.abs(x - 2.0)) > 1e-3  # no near-ties with the threshold: counts are float-exact
+        x = np.where(bad, x, x + dtype(LINE_LR) * (dtype(5.0) - x))  # NaN value, zero gradient: the particle stays
+    return np.array(counts), x
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_nonfinite_report_counts_every_step(dtype):
+    x0 = jnp.asarray(LINE_STARTS, dtype)[:, None]
+    counts, x_end = _line_counts(np.dtype(dtype).type)
+    with pytest.warns(mj.NonFiniteWarning) as rec:
+        res = mj.sample([_line_logp], LINE_OPT, x0, LINE_STEPS, trace_every=3)
+    rep = res.nonfinite
+    assert isinstance(rep, mj.NonFiniteReport)
+    assert int(rep.steps) == int((counts > 0).sum())
+    assert int(rep.first_step) == int(np.argmax(counts > 0))
+    assert int(rep.max_particles) == int(counts.max())
+    assert int(rep.final_particles) == 0  # positions stay finite here: only log-densities are NaN
+    # snapshot 0: non-finite initial positions (none); snapshot t: the count of the last step before it
+    np.testing.assert_array_equal(np.asarray(res.trace.nonfinite), np.concatenate([[0], counts[2::3]]))
+    np.testing.assert_allclose(np.asarray(res.particles[:, 0]), x_end, rtol=8 * float(jnp.finfo(dtype).eps))
+    msg = str(rec[0].message)
+    assert f"at {int(rep.steps)} of {LINE_STEPS} steps" in msg and f"first at step {int(rep.first_step)}" in msg
+    assert "smaller step size" in msg and "log-density" in msg
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_nan_everywhere_is_reported(dtype):
+    x0 = X0.astype(dtype)
+
+    def nan_logp(x):
+        return jnp.nan * jnp.sum(x)
+
+    with pytest.warns(mj.NonFiniteWarning, match=r"at 6 of 6 steps, first at step 0"):
+        res = mj.sample([nan_logp, _logp_b], OPT, x0, 6, trace_every=3)
+    m = x0.shape[0]
+    assert tuple(int(v) for v in res.nonfinite)[:3] == (6, 0, m)  # every log-density is NaN at every step
+    # the returned positions may or may not be finite, depending on how the transformation treats NaN scores
+    assert int(res.nonfinite.final_particles) == int((~np.isfinite(np.asarray(res.particles)).all(1)).sum())
+    np.testing.assert_array_equal(np.asarray(res.trace.nonfinite), [0, m, m])
+
+
+def test_one_nan_gradient_entry_is_counted_per_particle():
+    # without a kernel (per-particle plain ascent) only the poisoned particle goes bad, at every step
+    def logp(x):
+        return -0.5 * jnp.sum(x**2) + jnp.where(jnp.all(x == X0[3]), jnp.nan, 0.0) * x[1]
+
+    with pytest.warns(mj.NonFiniteWarning):
+        res = mj.sample([logp], LINE_OPT, X0, 5)
+    assert tuple(int(v) for v in res.nonfinite) == (5, 0, 1, 1)
+    bad = ~np.isfinite(np.asarray(res.particles)).all(1)
+    np.testing.assert_array_equal(np.flatnonzero(bad), [3])
+    # the other particles did the same steps as without the NaN: x <- x - 0.1 x, 5 times
+    np.testing.assert_allclose(np.asarray(res.particles)[~bad], np.asarray(X0)[~bad] * 0.9**5, rtol=1e-13)
+
+
+def test_nan_gradient_through_mtsgd_is_reported():
+    # with a kernel, a NaN score reaches the others through the kernel sums (or the particle is left out of
+    # them, depending on the transformation): either way every step is flagged
+    def logp(x):
+        return _logp_a(x) + jnp.where(jnp.all(x == X0[3]), jnp.nan, 0.0) * x[1]
+
+    res = mj.sample([logp, _logp_b], OPT, X0, 4, on_nonfinite="ignore")
+    assert int(res.nonfinite.steps) == 4 and int(res.nonfinite.first_step) == 0
+    assert 1 <= int(res.nonfinite.max_particles) <= X0.shape[0]
+
+
+def test_on_nonfinite_modes():
+    def nan_logp(x):
+        return jnp.nan * jnp.sum(x)
+
+    with pytest.raises(mj.NonFiniteError, match="first at step 0") as err:
+        mj.sample([nan_logp], LINE_OPT, X0, 3, on_nonfinite="raise")
+    assert isinstance(err.value, FloatingPointError)
+    assert isinstance(err.value.result, mj.SampleResult) and int(err.value.result.nonfinite.steps) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = mj.sample([nan_logp], LINE_OPT, X0, 3, on_nonfinite="ignore")
+        clean = mj.sample(LOGPS, OPT, X0, 3)  # a clean run warns nothing by default
+    assert int(quiet.nonfinite.steps) == 3
+    assert tuple(int(v) for v in clean.nonfinite) == (0, -1, 0, 0)
+    with pytest.raises(ValueError, match="on_nonfinite must be one of"):
+        mj.sample(LOGPS, OPT, X0, 3, on_nonfinite="silent")
+
+
+def test_nonfinite_initial_particles_and_zero_steps():
+    x0 = X0.at[2, 0].set(jnp.inf)
+    with pytest.warns(mj.NonFiniteWarning, match="1 of the returned particles"):
+        res = mj.sample([_logp_a], LINE_OPT, x0, 0)
+    assert tuple(int(v) for v in res.nonfinite) == (0, -1, 0, 1)
+
+
+def test_nonfinite_under_progress_bar(capsys):
+    def nan_logp(x):
+        return jnp.nan * jnp.sum(x)
+
+    with pytest.warns(mj.NonFiniteWarning):
+        res = mj.sample([nan_logp], LINE_OPT, X0, 4, progress_bar=True)
+    assert int(res.nonfinite.steps) == 4
+    assert "4/4" in capsys.readouterr().err
+    assert not _sampling._BARS
+
+
+def test_sample_traced_inside_jit():
+    def nan_logp(x):
+        return jnp.nan * jnp.sum(x)
+
+    run = jax.jit(lambda x: mj.sample([nan_logp], LINE_OPT, x, 3).nonfinite)
+    with pytest.warns(mj.NonFiniteWarning, match="at 3 of 3 steps"):
+        rep = jax.block_until_ready(run(X0))
+        jax.effects_barrier()
+    assert int(rep.steps) == 3
+    with pytest.raises(ValueError, match="inside jax.jit"):
+        jax.jit(lambda x: mj.sample([nan_logp], LINE_OPT, x, 3, on_nonfinite="raise").particles)(X0)
+
+
+# ---------------------------------------------------------------------------
+# early, clear argument errors
+# ---------------------------------------------------------------------------
+
+
+def test_adam_before_mtsgd_is_caught_before_compiling():
+    wrong = optax.chain(optax.adam(1e-2), mj.mtsgd(2, KERNEL, solver="closed_form"))
+    size = _sampling._run._cache_size()
+    with pytest.raises(ValueError, match="FIRST in optax.chain") as err:
+        mj.sample(LOGPS, wrong, X0, 10)
+    assert "opt_state[0][0].mu" in str(err.value) and "(2, 16, 2)" in str(err.value)
+    assert _sampling._run._cache_size() == size  # nothing was compiled
+    with pytest.raises(ValueError, match="updates shaped like the particles"):
+        mj.sample(LOGPS, optax.adam(1e-2), X0, 10)
+
+
+def test_mismatched_opt_state_is_caught():
+    other = OPT.init(X0[:8])  # a state for 8 particles, resumed with 16
+    with pytest.raises(ValueError, match="opt_state"):
+        mj.sample(LOGPS, OPT, X0, 2, opt_state=other)
+
+
+def test_argument_checks():
+    with pytest.raises(ValueError, match="num_steps must be a non-negative int, got 2.5"):
+        mj.sample(LOGPS, OPT, X0, 2.5)
+    with pytest.raises(ValueError, match="num_steps"):
+        mj.sample(LOGPS, OPT, X0, True)
+    with pytest.raises(ValueError, match="trace_every"):
+        mj.sample(LOGPS, OPT, X0, 4, trace_every=2.0)
+    with pytest.raises(ValueError, match=r"trace_every=2 or num_steps=6"):
+        mj.sample(LOGPS, OPT, X0, 4, trace_every=6)
+    with pytest.raises(ValueError, match=r"jnp.asarray\(particles\)"):
+        mj.sample(LOGPS, OPT, [[0.0, 1.0], [1.0, 2.0]], 2)
+    with pytest.raises(ValueError, match="floating point"):
+        mj.sample(LOGPS, OPT, jnp.zeros((4, 2), jnp.int32), 2)
+    with pytest.raises(TypeError, match="GradientTransformation"):
+        mj.sample(LOGPS, optax.adam, X0, 2)
+    # numpy integers are accepted
+    res = mj.sample(LOGPS, OPT, X0, np.int64(N), trace_every=np.int32(EVERY))
+    assert res.trace.step.shape == (N // EVERY + 1,)
+
+
+def test_adam_before_mtsgd_is_caught_on_a_mesh():
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("particles",))
+    wrong = optax.chain(optax.adam(1e-2), mj.mtsgd(2, KERNEL, solver="closed_form", axis_name="particles"))
+    with pytest.raises(ValueError, match="FIRST in optax.chain"):
+        mj.sample(LOGPS, wrong, mj.shard_particles(X0, mesh), 10, mesh=mesh)

@@ -31,7 +31,7 @@ def test_sharded_runs_equal_single_device_runs():
         [sys.executable, os.path.join(HERE, "_sharded_check.py")], capture_output=True, text=True, env=env, timeout=600
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("mtsgd", "mtsgd_score_blocked", "moo_svgd", "mgda", "svgd", "kernel_products", "error"):
+    for name in ("mtsgd", "mtsgd_score_blocked", "moo_svgd", "mgda", "svgd", "kernel_products", "nonfinite", "error"):
         assert f"{name} ok" in proc.stdout, proc.stdout
 
 
