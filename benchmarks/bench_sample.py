@@ -69,8 +69,8 @@ import optax  # noqa: E402
 
 import mtsgd_jax  # noqa: E402
 from mtsgd_jax import mtsgd, sample, toy_problem  # noqa: E402
-from mtsgd_jax.experiments import _report  # noqa: E402
-from mtsgd_jax.experiments._report import machine_info  # noqa: E402
+from mtsgd_jax import report  # noqa: E402
+from mtsgd_jax.report import machine_info  # noqa: E402
 from mtsgd_jax.stein import directions_from_terms, stein_terms_flat  # noqa: E402
 
 K = 3  # targets of the toy problem
@@ -248,7 +248,7 @@ def plot(variants, results, path, info, steps):
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(f"{info['backend']} ({info['cpu_count']} CPUs), jax {info['jax_version']}, {info['date']}", fontsize=9)
     try:
-        _report.save_figure(fig, path, dpi=110)
+        report.save_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)
 
@@ -296,10 +296,10 @@ def main(argv=None):
         "machine": info,
         "results": results,
     }
-    js = _report.write_json(os.path.join(args.out, "sample_step.json"), payload)
+    js = report.write_json(os.path.join(args.out, "sample_step.json"), payload)
     print(f"total {info['benchmark_wall_s']:.0f} s; wrote {js}")
     png = os.path.join(args.out, "sample_step.png")
-    _report.write_figures([(lambda p: plot(variants, results, p, info, args.steps), png)], results=[js])
+    report.write_figures([(lambda p: plot(variants, results, p, info, args.steps), png)], results=[js])
     print(f"wrote {png}")
 
 

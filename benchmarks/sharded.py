@@ -47,7 +47,7 @@ def main(argv=None):
     from jax.sharding import Mesh
 
     import mtsgd_jax as mj
-    from mtsgd_jax.experiments import _report
+    from mtsgd_jax import report
 
     devices = jax.devices()
     counts = [d for d in (1, 2, 4, 8, 16, 32) if d <= len(devices)]
@@ -77,9 +77,9 @@ def main(argv=None):
             diff = float(np.max(np.abs(np.asarray(out) - reference)))
             rows.append({"M": m, "devices": d, "per_step_s": med / args.steps, "compile_s": first - med, "run_s": runs, "max_abs_diff_vs_1_device": diff})
             print(f"M={m:6d} devices={d:2d}  {1e3 * med / args.steps:9.3f} ms/step  compile {first - med:5.2f} s  max|diff| vs 1 device {diff:.2e}", flush=True)
-    payload = {"config": vars(args), "machine": _report.machine_info(), "results": rows}
+    payload = {"config": vars(args), "machine": report.machine_info(), "results": rows}
     os.makedirs(args.out, exist_ok=True)
-    path = _report.write_json(os.path.join(args.out, "sharded.json"), payload)
+    path = report.write_json(os.path.join(args.out, "sharded.json"), payload)
 
     import matplotlib
 
@@ -99,7 +99,7 @@ def main(argv=None):
     ax.legend()
     png = os.path.join(args.out, "sharded.png")
     try:
-        _report.write_figures([(lambda p: _report.save_figure(fig, p, dpi=110), png)], results=[path])
+        report.write_figures([(lambda p: report.save_figure(fig, p, dpi=110), png)], results=[path])
     finally:
         plt.close(fig)
     print(f"wrote {path} and {png}")

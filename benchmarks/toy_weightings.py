@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 import mtsgd_jax as mt
-from mtsgd_jax.experiments import _report
+from mtsgd_jax import report
 
 
 def main(argv=None):
@@ -66,7 +66,7 @@ def main(argv=None):
                 f"{row['fraction_of_seeds_at_least_0.9']:9.2f} {dt:6.1f}s",
                 flush=True,
             )
-    path = _report.write_json(
+    path = report.write_json(
         os.path.join(args.out, "toy_weightings.json"), {"config": vars(args), "jax_version": jax.__version__, "results": rows}
     )
     print("wrote", path)

@@ -1,4 +1,4 @@
-"""The atomic result writers and the write-results-then-plot helpers of experiments/_report.py."""
+"""The atomic result writers and the write-results-then-plot helpers of experiments/report.py."""
 
 import csv
 import json
@@ -8,7 +8,7 @@ import stat
 import numpy as np
 import pytest
 
-from mtsgd_jax.experiments import _report
+from mtsgd_jax import report
 
 
 def _siblings(path):
@@ -17,30 +17,30 @@ def _siblings(path):
 
 def test_atomic_open_replaces_only_on_success(tmp_path):
     path = tmp_path / "sub" / "result.txt"
-    with _report.atomic_open(path) as f:
+    with report.atomic_open(path) as f:
         f.write("first")
         assert not path.exists()  # nothing at the destination until the block ends
     assert path.read_text() == "first" and _siblings(path) == ["result.txt"]
     with pytest.raises(RuntimeError, match="boom"):
-        with _report.atomic_open(path) as f:
+        with report.atomic_open(path) as f:
             f.write("half of the second")
             raise RuntimeError("boom")
     assert path.read_text() == "first" and _siblings(path) == ["result.txt"]  # old content, no temporary left
     with pytest.raises(ValueError, match="mode must be 'w' or 'wb'"):
-        with _report.atomic_open(path, "a"):
+        with report.atomic_open(path, "a"):
             pass
 
 
 def test_interrupted_rename_keeps_the_old_file(tmp_path, monkeypatch):
     path = str(tmp_path / "r.json")
-    _report.write_json(path, {"a": 1})
+    report.write_json(path, {"a": 1})
 
     def fail(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(_report.os, "replace", fail)
+    monkeypatch.setattr(report.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
-        _report.write_json(path, {"a": 2})
+        report.write_json(path, {"a": 2})
     monkeypatch.undo()
     assert json.loads(open(path).read()) == {"a": 1} and _siblings(path) == ["r.json"]
 
@@ -49,9 +49,9 @@ def test_data_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     path = str(tmp_path / "r.bin")
     events = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(_report.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
-    monkeypatch.setattr(_report.os, "replace", lambda a, b: (events.append(("replace", os.path.dirname(a) == os.path.dirname(b))), real_replace(a, b))[1])
-    _report.write_bytes(path, b"\x00\x01")
+    monkeypatch.setattr(report.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(report.os, "replace", lambda a, b: (events.append(("replace", os.path.dirname(a) == os.path.dirname(b))), real_replace(a, b))[1])
+    report.write_bytes(path, b"\x00\x01")
     assert events[:2] == ["fsync", ("replace", True)]  # file fsync-ed, then renamed within its directory
     assert open(path, "rb").read() == b"\x00\x01"
 
@@ -60,7 +60,7 @@ def test_permissions_follow_the_umask_like_open(tmp_path):
     plain = tmp_path / "plain.txt"
     with open(plain, "w") as f:
         f.write("x")
-    atomic = _report.write_text(tmp_path / "atomic.txt", "x")
+    atomic = report.write_text(tmp_path / "atomic.txt", "x")
     assert stat.S_IMODE(os.stat(atomic).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
 
 
@@ -71,7 +71,7 @@ def test_write_json_values_round_trip_exactly(tmp_path, dtype):
     x[1, 2] = np.nan
     x[2, 0] = np.inf
     payload = {"x": x, "n": np.int64(7), "flag": np.bool_(True), 3: [np.float32(0.1)]}
-    path = _report.write_json(tmp_path / "p.json", payload)
+    path = report.write_json(tmp_path / "p.json", payload)
     got = json.loads(open(path).read())
     assert got["n"] == 7 and got["flag"] is True and got["3"] == [float(np.float32(0.1))]
     expect = [[None if not np.isfinite(v) else float(v) for v in row] for row in x]
@@ -83,11 +83,11 @@ def test_write_json_values_round_trip_exactly(tmp_path, dtype):
 
 def test_write_csv(tmp_path):
     rows = [["mtsgd", np.float32(0.25), np.int64(3)], ["moo_svgd", 1.5, 4]]
-    path = _report.write_csv(tmp_path / "t.csv", ["method", "hv", "steps"], rows)
+    path = report.write_csv(tmp_path / "t.csv", ["method", "hv", "steps"], rows)
     with open(path, newline="") as f:
         assert list(csv.reader(f)) == [["method", "hv", "steps"], ["mtsgd", "0.25", "3"], ["moo_svgd", "1.5", "4"]]
     with pytest.raises(ValueError, match="every row needs 3 fields"):
-        _report.write_csv(tmp_path / "t.csv", ["method", "hv", "steps"], [["x", 1]])
+        report.write_csv(tmp_path / "t.csv", ["method", "hv", "steps"], [["x", 1]])
     assert open(path).read().startswith("method,hv,steps\n")  # the failed call left the file alone
 
 
@@ -96,36 +96,36 @@ def test_save_figure_is_atomic(tmp_path):
 
     fig = Figure(figsize=(2, 2))
     fig.subplots().plot([0, 1], [1, 0])
-    path = _report.save_figure(fig, tmp_path / "f.png", dpi=50)
+    path = report.save_figure(fig, tmp_path / "f.png", dpi=50)
     data = open(path, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    assert _report.save_figure(fig, tmp_path / "f.svg").endswith("f.svg")
+    assert report.save_figure(fig, tmp_path / "f.svg").endswith("f.svg")
     assert b"<svg" in open(tmp_path / "f.svg", "rb").read()
     with pytest.raises(ValueError):  # matplotlib does not know the format: the old PNG stays
-        _report.save_figure(fig, tmp_path / "f.png", format="nope")
+        report.save_figure(fig, tmp_path / "f.png", format="nope")
     assert open(path, "rb").read() == data and sorted(os.listdir(tmp_path)) == ["f.png", "f.svg"]
     with pytest.raises(ValueError, match="has no suffix"):
-        _report.save_figure(fig, tmp_path / "figure")
+        report.save_figure(fig, tmp_path / "figure")
 
 
 def test_write_figures_runs_every_plot_and_names_the_results_kept(tmp_path):
-    results = _report.write_json(tmp_path / "r.json", {"hv": 1.0})
+    results = report.write_json(tmp_path / "r.json", {"hv": 1.0})
     drawn = []
 
     def good(path):
         drawn.append(path)
-        _report.write_text(path, "ok")
+        report.write_text(path, "ok")
 
     def bad(path):
         raise RuntimeError("no display")
 
     a, b = str(tmp_path / "a.png"), str(tmp_path / "b.png")
-    with pytest.raises(_report.PlotError) as exc:
-        _report.write_figures([(bad, a), (good, b)], results=[results])
+    with pytest.raises(report.PlotError) as exc:
+        report.write_figures([(bad, a), (good, b)], results=[results])
     err = exc.value
     assert drawn == [b]  # the failure did not stop the next figure
     assert err.results == [results] and [p for p, _ in err.failures] == [a]
     assert f"{a}: RuntimeError: no display" in str(err) and f"the results are kept in {results}" in str(err)
     assert isinstance(err.__cause__, RuntimeError)
     assert json.loads(open(results).read()) == {"hv": 1.0} and not os.path.exists(a)
-    assert _report.write_figures([(good, a)], results=[results]) == [a]
+    assert report.write_figures([(good, a)], results=[results]) == [a]

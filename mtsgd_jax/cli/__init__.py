@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(missing_modules_message(args.command, missing), file=sys.stderr)
         return 2
-    from mtsgd_jax.experiments._report import PlotError
+    from mtsgd_jax.report import PlotError
 
     try:
         result = args.func(args)

@@ -79,7 +79,7 @@ def run(args) -> int:
     """Run ``mtsgd train``; returns the exit status (2 for missing or malformed data, for a checkpoint
     that cannot be resumed: all damaged, or other settings than requested without --allow-changed)."""
     from mtsgd_jax.data import DataFormatError
-    from mtsgd_jax.experiments import _report
+    from mtsgd_jax import report
     from mtsgd_jax.training import make_task, summary_table, train
     from mtsgd_jax.training.checkpoint import CheckpointDamagedWarning, CheckpointError, StateMismatchError
     from mtsgd_jax.training.trainer import ResumeMismatchError
@@ -145,7 +145,7 @@ def run(args) -> int:
         "metrics": result.metrics,
         "epoch_seconds": secs,
     }
-    _report.write_json(f"{args.out}/summary.json", payload)
+    report.write_json(f"{args.out}/summary.json", payload)
     print()
     print(summary_table(task, result.metrics))
     print(f"\n{len(result.history)} epochs; metrics log {args.out}/metrics.jsonl, checkpoints {args.out}/checkpoints")

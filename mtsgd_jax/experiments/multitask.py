@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from mtsgd_jax.experiments import _report
+from mtsgd_jax import report
 from mtsgd_jax.training import METHODS, Trainer, build_method, make_optimizer, make_task
 
 __all__ = [
@@ -247,7 +247,7 @@ def plot_reliability(reliability: dict, path: str, num_bins: int = 10) -> str:
     for ax in axes[len(names):]:
         ax.set_visible(False)
     fig.tight_layout()
-    return _report.save_figure(fig, path, dpi=80)
+    return report.save_figure(fig, path, dpi=80)
 
 
 def main(
@@ -278,12 +278,12 @@ def main(
         "markdown_table": table,
         "reliability_png": os.path.basename(png),
         "total_seconds": time.perf_counter() - start,
-        "machine": _report.machine_info(),
+        "machine": report.machine_info(),
     }
     # The results first: a failing figure must not lose them.
-    js = _report.write_json(os.path.join(out, "multitask.json"), payload)
+    js = report.write_json(os.path.join(out, "multitask.json"), payload)
     print(table)
     print(f"\nwrote {js} ({payload['total_seconds']:.0f} s)")
-    _report.write_figures([(lambda p: plot_reliability(result["reliability"], p), png)], results=[js])
+    report.write_figures([(lambda p: plot_reliability(result["reliability"], p), png)], results=[js])
     print(f"wrote {png}")
     return payload

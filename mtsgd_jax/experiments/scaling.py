@@ -48,7 +48,7 @@ import optax
 
 from mtsgd_jax import kernels as _kernels
 from mtsgd_jax import stein as _stein
-from mtsgd_jax.experiments import _report
+from mtsgd_jax import report
 from mtsgd_jax.particles import flatten_particles, flatten_target_grads, unflatten_particles
 from mtsgd_jax.problems import toy_problem
 from mtsgd_jax.sampling import sample
@@ -177,7 +177,7 @@ def run_scaling(
                     bar.set_postfix_str(f"M={m} {method}")
                     bar.update(1)
         for row in rows.values():
-            row["median_s"] = _report.median(row["run_s"])
+            row["median_s"] = report.median(row["run_s"])
             row["per_step_s"] = row["median_s"] / steps
         r = {}
         if "mtsgd" in rows and "moo_svgd" in rows:
@@ -223,9 +223,9 @@ def network_case(
             return jax.lax.scan(step, (x, s), None, length=steps)[0]
 
         # The gradients are an argument, not a closed-over constant, so XLA cannot fold them away.
-        compile_s, runs, _ = _report.time_compiled(run, (x0, s0, grads), repeats + 1)
+        compile_s, runs, _ = report.time_compiled(run, (x0, s0, grads), repeats + 1)
         runs = runs[1:]  # the first call after compiling also pays one-off allocation
-        out[method] = {"compile_s": compile_s, "run_s": runs, "per_step_s": _report.median(runs) / steps}
+        out[method] = {"compile_s": compile_s, "run_s": runs, "per_step_s": report.median(runs) / steps}
     return {"dim": dim, "num_particles": num_particles, "num_targets": num_targets, "steps": steps, "methods": out}
 
 
@@ -235,7 +235,7 @@ def _large_m_worker(m: int, block_size: int, steps: int, method: str, seed: int)
     opt = optax.chain(make_transformation(method, K_TOY, block_size=block_size), optax.adam(LR))
     s0 = opt.init(x0)
     # The last timed run's particles are the ones checked: no extra, untimed run of the large case.
-    compile_s, runs, (xs, _) = _report.time_compiled(_toy_runner(prob, opt, steps), (x0, s0), 2)
+    compile_s, runs, (xs, _) = report.time_compiled(_toy_runner(prob, opt, steps), (x0, s0), 2)
     return {
         "num_particles": m,
         "block_size": block_size,
@@ -314,7 +314,7 @@ def plot_scaling(payload: dict, path: str) -> str:
     info = payload["machine"]
     fig.suptitle(f"{info['backend']} / {info['device_kind']} ({info['cpu_count']} CPUs), jax {info['jax_version']}, {info['date']}", fontsize=9)
     try:
-        _report.save_figure(fig, path, dpi=110)
+        report.save_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)
     return path
@@ -333,7 +333,7 @@ def summary_table(payload: dict) -> str:
             + [f"{row[k]['median_s']:.4f}" for k in methods]
             + [f"{r['mtsgd/moo_svgd']:.2f}" if "mtsgd/moo_svgd" in r else "-", f"{r['mtsgd/floor']:.2f}" if "mtsgd/floor" in r else "-"]
         )
-    return _report.format_table(header, rows)
+    return report.format_table(header, rows)
 
 
 def main(
@@ -353,7 +353,7 @@ def main(
     """Run the whole benchmark, print a summary, write ``scaling.json`` then plot ``scaling.png`` into ``out``.
 
     Raises:
-      mtsgd_jax.experiments._report.PlotError: the figure failed; the JSON is written and kept.
+      mtsgd_jax.experiments.report.PlotError: the figure failed; the JSON is written and kept.
     """
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
@@ -361,7 +361,7 @@ def main(
         "description": "Seconds for `steps` steps of mtsgd_jax.sample on toy_problem() (K = 3, d = 2) with "
         "optax.chain(<method>, optax.adam(3e-2)); every run one compiled lax.scan; medians over round-robin repeats.",
         "config": {"sizes": list(sizes), "methods": list(methods), "steps": steps, "repeats": repeats, "seed": seed},
-        "machine": _report.machine_info(),
+        "machine": report.machine_info(),
     }
     payload.update(run_scaling(sizes, methods, steps=steps, repeats=repeats, seed=seed, progress=progress))
     print_fn(summary_table(payload))
@@ -372,7 +372,7 @@ def main(
             f"\nnetwork-sized case: d = {net['dim']}, M = {net['num_particles']}, K = {net['num_targets']} (per step, median)"
         )
         print_fn(
-            _report.format_table(
+            report.format_table(
                 ["method", "per step (ms)", "compile (s)"],
                 [[k, f"{1e3 * v['per_step_s']:.2f}", f"{v['compile_s']:.2f}"] for k, v in net["methods"].items()],
             )
@@ -387,8 +387,8 @@ def main(
         )
     payload["machine"]["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     payload["wall_s"] = time.perf_counter() - start
-    js = _report.write_json(os.path.join(out, "scaling.json"), payload)
+    js = report.write_json(os.path.join(out, "scaling.json"), payload)
     print_fn(f"\nwrote {js} ({payload['wall_s']:.0f} s)")
-    (png,) = _report.write_figures([(lambda p: plot_scaling(payload, p), os.path.join(out, "scaling.png"))], results=[js])
+    (png,) = report.write_figures([(lambda p: plot_scaling(payload, p), os.path.join(out, "scaling.png"))], results=[js])
     print_fn(f"wrote {png}")
     return payload

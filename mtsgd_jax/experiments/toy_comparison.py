@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mtsgd_jax.experiments import _report
+from mtsgd_jax import report
 from mtsgd_jax.problems import toy_problem
 from mtsgd_jax.sampling import sample
 from mtsgd_jax.stein import kernel_stein_discrepancy
@@ -170,7 +170,7 @@ def plot_toy_comparison(result: dict, path: str, snapshots: dict | None = None) 
         fontsize=10,
     )
     try:
-        _report.save_figure(fig, path, dpi=100)
+        report.save_figure(fig, path, dpi=100)
     finally:
         plt.close(fig)
     return path
@@ -209,7 +209,7 @@ def main(
     """Run, write ``toy_comparison.json``, print a summary table, then plot ``toy_comparison.png`` into ``out``.
 
     Raises:
-      mtsgd_jax.experiments._report.PlotError: the figure failed; the JSON is written and kept.
+      mtsgd_jax.experiments.report.PlotError: the figure failed; the JSON is written and kept.
     """
     os.makedirs(out, exist_ok=True)
     result = run_toy_comparison(
@@ -229,7 +229,7 @@ def main(
     payload = {
         "config": {k: result[k] for k in ("seeds", "weighting", "num_particles", "lr")}
         | {"mtsgd_steps": mtsgd_steps, "moo_svgd_steps": moo_svgd_steps, "trace_every": trace_every, "joint_fraction": JOINT_FRACTION},
-        "machine": _report.machine_info(),
+        "machine": report.machine_info(),
         "methods": {
             name: {
                 "steps": rec["steps"],
@@ -242,15 +242,15 @@ def main(
         },
     }
     # The results first: a failing figure must not lose them.
-    js = _report.write_json(os.path.join(out, "toy_comparison.json"), payload)
+    js = report.write_json(os.path.join(out, "toy_comparison.json"), payload)
     print_fn(
-        _report.format_table(
+        report.format_table(
             ["method", "steps", "final share in joint region, mean [min, max]", "final diag(U) (mean over seeds)", "wall s (median)"],
             summary_rows(result),
         )
     )
     print_fn(f"wrote {js}")
-    (png,) = _report.write_figures(
+    (png,) = report.write_figures(
         [(lambda p: plot_toy_comparison(result, p, snaps), os.path.join(out, "toy_comparison.png"))], results=[js]
     )
     print_fn(f"wrote {png}")

@@ -95,7 +95,7 @@ import numpy as np
 import optax
 
 from mtsgd_jax import kernels as _kernels
-from mtsgd_jax.experiments import _report
+from mtsgd_jax import report
 from mtsgd_jax.metrics import hypervolume_2d, igd, igd_plus, non_dominated_mask, segments_covered
 from mtsgd_jax.problems import zdt
 from mtsgd_jax.sampling import sample
@@ -457,7 +457,7 @@ def plot_fronts(result: dict, path: str) -> str:
         fontsize=10,
     )
     try:
-        _report.save_figure(fig, path, dpi=90)
+        report.save_figure(fig, path, dpi=90)
     finally:
         plt.close(fig)
     return path
@@ -496,7 +496,7 @@ def plot_hv(result: dict, path: str) -> str:
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5), fontsize=8)
     fig.suptitle(f"ZDT3: mean ± std over {len(result['seeds'])} seeds (seeds {result['seeds']})", fontsize=10)
     try:
-        _report.save_figure(fig, path, dpi=90)
+        report.save_figure(fig, path, dpi=90)
     finally:
         plt.close(fig)
     return path
@@ -508,15 +508,15 @@ def _round(x, decimals: int = 5) -> np.ndarray:
 
 
 def _write_compact_json(path: str, payload: dict) -> str:
-    """Like :func:`_report.write_json` (indented, NaN -> null) with every list of numbers on one line."""
+    """Like :func:`report.write_json` (indented, NaN -> null) with every list of numbers on one line."""
     import json
     import re
 
-    text = json.dumps(_report._jsonable(payload), indent=1)
+    text = json.dumps(report._jsonable(payload), indent=1)
     text = re.sub(r"\[\s+([-+0-9.eE,\s]+?|null)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
     # then lists of such one-line lists (e.g. one seed's (M, 2) objective vectors)
     text = re.sub(r"\[\s+(\[[^\[\]\n]*\](?:,\s+\[[^\[\]\n]*\])*)\s+\]", lambda m: "[" + re.sub(r",\s+\[", ", [", m.group(1)) + "]", text)
-    return _report.write_text(path, text + "\n")
+    return report.write_text(path, text + "\n")
 
 
 def _fmt(ms: dict, digits: int = 3) -> str:
@@ -561,7 +561,7 @@ def main(
     """Run, write ``zdt3.json``, print a table, then plot ``zdt3_fronts.png`` and ``zdt3_hv.png`` into ``out``.
 
     Raises:
-      mtsgd_jax.experiments._report.PlotError: a figure failed; the JSON is written and kept.
+      mtsgd_jax.experiments.report.PlotError: a figure failed; the JSON is written and kept.
     """
     os.makedirs(out, exist_ok=True)
     result = run_zdt(
@@ -592,7 +592,7 @@ def main(
             "particle_range": "per seed, [min, max] over every coordinate of the final particles (the box is [1e-6, 1 - 1e-6])",
         },
         "optimal": result["optimal"],
-        "machine": _report.machine_info(),
+        "machine": report.machine_info(),
         "summary": summary,
         "methods": {
             label: {
@@ -614,10 +614,10 @@ def main(
     }
     # The results first: a failing figure must not lose them.
     js = _write_compact_json(os.path.join(out, "zdt3.json"), payload)
-    print_fn(_report.format_table(SUMMARY_HEADER, summary_rows(summary)))
+    print_fn(report.format_table(SUMMARY_HEADER, summary_rows(summary)))
     print_fn(f"true front: HV (1.1, 1.1) = {result['optimal']['hv']:.4f}, HV (0.990, 6.546) = {result['optimal']['hv_published']:.4f}")
     print_fn(f"wrote {js}")
-    fronts, hv_png = _report.write_figures(
+    fronts, hv_png = report.write_figures(
         [
             (lambda p: plot_fronts(result, p), os.path.join(out, "zdt3_fronts.png")),
             (lambda p: plot_hv(result, p), os.path.join(out, "zdt3_hv.png")),

@@ -605,7 +605,7 @@ def summary_rows(task: Task, metrics: dict) -> tuple[list[str], list[list]]:
 
 def summary_table(task: Task, metrics: dict) -> str:
     """Plain-text table of :func:`summary_rows`."""
-    from mtsgd_jax.experiments._report import format_table
+    from mtsgd_jax.report import format_table
 
     return format_table(*summary_rows(task, metrics))
 

@@ -1,4 +1,7 @@
-"""Small shared helpers for experiment reports: machine description, files, tables, timing.
+"""Result files, tables, machine facts and timing, shared by training, experiments, the CLI and benchmarks.
+
+The application layers (data, training, experiments, cli) and ``benchmarks/``
+write every result through this module; it depends on nothing but jax and numpy.
 
 Every result file goes through the atomic writers here (:func:`atomic_open`,
 :func:`write_bytes`, :func:`write_text`, :func:`write_json`, :func:`write_csv`,
