@@ -1,6 +1,6 @@
 """MT-SGD on the three-target toy problem: particles that are likely under every target.
 
-The toy problem (ALGORITHM.md section 7, :func:`mtsgd_jax.toy_problem`) has three
+The toy problem (docs/algorithm.md §7, :func:`mtsgd_jax.toy_problem`) has three
 targets in 2-D, each a two-component Gaussian mixture. Each target's main
 component (weight 0.7) sits in a different corner, but their minor components
 (weight 0.3) overlap near the origin: that is the only region where all three

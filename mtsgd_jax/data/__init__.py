@@ -1,10 +1,10 @@
-"""Data sets of the seed's experiments (ALGORITHM.md section 7), as numpy arrays.
+"""Data sets of the paper's experiments (docs/algorithm.md §7), as numpy arrays.
 
 * :func:`read_idx` / :func:`write_idx` / :func:`load_mnist_like`: IDX files (MNIST, Fashion-MNIST).
 * :func:`multi_mnist`: Multi-MNIST, Multi-Fashion and Multi-Fashion+MNIST (two items on
   a 36 x 36 canvas, labels (N, 2)), cached as .npz; :func:`multi_digits`: the same
   construction from scikit-learn's bundled digits, which needs no download.
-* :func:`load_sarcos`: SARCOS (21 inputs, 7 torques) with the seed's 40,036 / 4,448 / 4,449 split.
+* :func:`load_sarcos`: SARCOS (21 inputs, 7 torques) with the paper's 40,036 / 4,448 / 4,449 split.
 * :func:`load_celeba` / :func:`celeba_split`: CelebA's 40 attributes and 64 x 64 images,
   loaded at once or per mini-batch.
 * :func:`batch_iterator` / :func:`num_batches`: deterministic shuffled mini-batches.

@@ -8,7 +8,7 @@ top-left item's class, column 1 the bottom-right item's.
 
 * ``multi-mnist``: both items from MNIST; ``multi-fashion``: both from
   Fashion-MNIST; ``multi-fashion-mnist``: the top-left item from MNIST, the
-  bottom-right one from Fashion-MNIST (ALGORITHM.md section 7; the seed uses
+  bottom-right one from Fashion-MNIST (docs/algorithm.md §7; the paper uses
   120,000 training and 20,000 test pairs).
 * :func:`multi_digits`: the same construction from scikit-learn's bundled 8 x 8
   handwritten digits, upscaled; it needs no download, so it is the data set that
@@ -70,7 +70,7 @@ MULTI_VARIANTS = {
     "multi-fashion": ("fashion", "fashion"),
     "multi-fashion-mnist": ("mnist", "fashion"),
 }
-# The seed's sizes (ALGORITHM.md section 7).
+# The paper's sizes (docs/algorithm.md §7).
 MULTI_SIZES = {"train": 120_000, "test": 20_000}
 # Sub-folders tried for each source when ``data_dir`` is one path.
 _SOURCE_SUBDIRS = {
@@ -258,7 +258,7 @@ def multi_mnist(
       split: ``"train"`` (pairs from the 60,000 training items) or ``"test"`` (from the 10,000 test items).
       variant: ``"multi-mnist"``, ``"multi-fashion"`` or ``"multi-fashion-mnist"``
         (top-left from MNIST, bottom-right from Fashion-MNIST).
-      num_examples: number of pairs; default the seed's 120,000 (train) / 20,000 (test).
+      num_examples: number of pairs; default the paper's 120,000 (train) / 20,000 (test).
       seed: pairing seed; the same arguments give the same data set.
       cache_dir: if given, the pairs are stored there as ``<variant>_<split>_n<N>_seed<S>_<hash>.npz``
         (uint8 canvases) and loaded on later calls. The key covers the variant, split,
@@ -267,7 +267,7 @@ def multi_mnist(
 
     Returns:
       :class:`MultiDataset`: images (N, 36, 36, 1) float32 in [0, 1], labels (N, 2)
-      int32, indices (N, 2) into the source split(s). At the seed's size the training
+      int32, indices (N, 2) into the source split(s). At the paper's size the training
       images take 622 MB as float32 (the cache file stores uint8: 156 MB).
 
     Raises:

@@ -5,7 +5,7 @@ The standard files are ``sarcos_inv.mat`` (MATLAB variable ``sarcos_inv``,
 4,449 x 28). Columns 0..20 are the inputs (7 joint positions, 7 velocities,
 7 accelerations), columns 21..27 the 7 torques.
 
-The seed's split (ALGORITHM.md section 7) is 40,036 train / 4,448 validation /
+The paper's split (docs/algorithm.md §7) is 40,036 train / 4,448 validation /
 4,449 test. The validation rows come from the training file: by default its
 LAST 4,448 rows (rows 40,036..44,483, 0-based), the training set being rows
 0..40,035; pass ``valid_seed`` to draw them uniformly at random instead. The test
@@ -165,7 +165,7 @@ def load_sarcos(
     standardize: bool = True,
     dtype=np.float32,
 ) -> Sarcos:
-    """Load SARCOS with the seed's 40,036 / 4,448 / 4,449 split (see the module docstring).
+    """Load SARCOS with the paper's 40,036 / 4,448 / 4,449 split (see the module docstring).
 
     Args:
       data_dir: folder holding ``sarcos_inv.mat`` and ``sarcos_inv_test.mat``.

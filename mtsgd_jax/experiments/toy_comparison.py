@@ -1,8 +1,8 @@
 """MT-SGD against MOO-SVGD on the three-target toy problem.
 
 Both start from the same particles (``5 N(0, I)``, 50 of them) and use Adam
-3e-2 (ALGORITHM.md section 7). MT-SGD runs 1000 steps and MOO-SVGD 2000 (the
-seed's figure: MT-SGD converged in 1000 steps, MOO-SVGD in 2000). Every
+3e-2 (docs/algorithm.md §7). MT-SGD runs 1000 steps and MOO-SVGD 2000 (the
+paper's figure: MT-SGD converged in 1000 steps, MOO-SVGD in 2000). Every
 ``trace_every`` steps the experiment records the particles and computes two
 convergence measures for both methods:
 

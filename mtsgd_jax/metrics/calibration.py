@@ -1,4 +1,4 @@
-"""Accuracy, Brier score, calibration error and per-task MSE (ALGORITHM.md section 8).
+"""Accuracy, Brier score, calibration error and per-task MSE (docs/algorithm.md §8).
 
 Conventions:
 

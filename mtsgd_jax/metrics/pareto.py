@@ -1,6 +1,6 @@
 """Multi-objective quality indicators: dominance, hypervolume, IGD, IGD+, front-segment coverage.
 
-Conventions (ALGORITHM.md section 8):
+Conventions (docs/algorithm.md §8):
 
 * MINIMISATION: ``a`` dominates ``b`` when ``a <= b`` in every objective and
   ``a < b`` in at least one.

@@ -1,4 +1,4 @@
-"""Multi-head LeNet for the Multi-MNIST / Multi-Fashion experiments (ALGORITHM.md section 7).
+"""Multi-head LeNet for the Multi-MNIST / Multi-Fashion experiments (docs/algorithm.md §7).
 
 Architecture (inputs NHWC, 36 x 36 x 1 in the experiments; "valid" convolutions):
 

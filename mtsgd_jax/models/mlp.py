@@ -1,4 +1,4 @@
-"""The SARCOS regression MLP (ALGORITHM.md section 7): 21-256-256-256-7, ReLU.
+"""The SARCOS regression MLP (docs/algorithm.md §7): 21-256-256-256-7, ReLU.
 
 ====================  ================  ===================
 layer                 output            parameters

@@ -1,4 +1,4 @@
-"""ResNet-18 encoder and the 40-head CelebA model (ALGORITHM.md section 7).
+"""ResNet-18 encoder and the 40-head CelebA model (docs/algorithm.md §7).
 
 :class:`ResNet18Encoder` is ResNet-18 without its final fully connected layer:
 a stem, four stages of two :class:`BasicBlock` each (widths 64, 128, 256, 512;

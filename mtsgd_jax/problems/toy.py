@@ -1,4 +1,4 @@
-"""The seed's toy problem: three two-component Gaussian mixtures in 2-D.
+"""The paper's toy problem: three two-component Gaussian mixtures in 2-D.
 
 Target k is ``0.7 N(mu_k1, 0.5 I) + 0.3 N(mu_k2, 0.5 I)`` with means
 
@@ -7,7 +7,7 @@ Target k is ``0.7 N(mu_k1, 0.5 I) + 0.3 N(mu_k2, 0.5 I)`` with means
     k = 3: (-3, -3), (0, 0)
 
 The minor components overlap near the origin, which is the region that is
-likely under every target at once (ALGORITHM.md section 7).
+likely under every target at once (docs/algorithm.md §7).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class ToyProblem(NamedTuple):
       log_prob: ``theta (2,) -> (K,)`` log-densities of all targets (jit/vmap-able).
       log_probs: tuple of K scalar functions ``theta (2,) -> log p_k(theta)``.
       log_prob_max: (K,) maximum of each target's log-density.
-      init_particles: ``(key, M) -> (M, 2)`` the seed's initialisation
+      init_particles: ``(key, M) -> (M, 2)`` the paper's initialisation
         ``clip(5 N(0, I), -10, 10)``.
       in_joint_region: ``(x (M, 2), fraction=0.01) -> (M,) bool``: True where
         EVERY target's density is at least ``fraction`` of its maximum.

@@ -14,7 +14,7 @@ front is ``f2 = 1 - sqrt(f1)`` (ZDT1, convex), ``f2 = 1 - f1^2`` (ZDT2,
 concave), and ``f2 = 1 - sqrt(f1) - f1 sin(10 pi f1)`` restricted to the five
 intervals of :data:`ZDT3_SEGMENTS` (ZDT3, disconnected).
 
-As a multi-target sampling problem (ALGORITHM.md section 7) the K = 2 targets
+As a multi-target sampling problem (docs/algorithm.md §7) the K = 2 targets
 are ``p_k(theta) ∝ exp(-f_k(theta))``; :attr:`ZDTProblem.log_probs` plugs
 straight into :func:`mtsgd_jax.sample`. Keep the particles in the box with
 :func:`mtsgd_jax.transforms._constraints.project_box` as the last element of
@@ -320,7 +320,7 @@ def zdt(name_or_index: str | int, num_variables: int = 30) -> ZDTProblem:
 
     Args:
       name_or_index: which problem.
-      num_variables: n >= 2 (default 30, as in the seed's ZDT3 experiment).
+      num_variables: n >= 2 (default 30, as in the paper's ZDT3 experiment).
 
     Returns:
       :class:`ZDTProblem`.

@@ -13,7 +13,7 @@ A :class:`Task` bundles everything the trainer needs about one problem:
 * training and evaluation data as :class:`ArrayDataset` (numpy arrays in
   memory) or :class:`CelebADataset` (images read per mini-batch);
 * per-task defaults for the optimiser, learning rate, batch size and epochs
-  (ALGORITHM.md section 7).
+  (docs/algorithm.md §7).
 
 :func:`make_task` builds the registered problems (:data:`TASKS`):
 ``"multi-digits"`` (no download), ``"multi-mnist"``, ``"multi-fashion"``,
