@@ -202,7 +202,7 @@ def test_extra_options():
     "spec, match",
     [
         ("sgvd", r"unknown method 'sgvd'; choose one of \('mtsgd', 'svgd', 'moo_svgd', 'mgda', 'linear_scalarization', 'pareto_mtl'\)"),
-        ("mtsgd:bogus=1", r"unknown option 'bogus' for mtsgd; valid options: solver, warm_start, weighting, block_size, axis_name \(and, as make_transform keywords only: kernel, solver_options, features\)"),
+        ("mtsgd:bogus=1", r"unknown option 'bogus' for mtsgd; valid options: solver, warm_start, weighting, block_size, axis_name \(not settable in a spec, only as keyword arguments: kernel, solver_options, features\)"),
         ("mgda:normalize=1", r"unknown option 'normalize' for mgda; valid options: solver, normalize_grads, warm_start"),
         ("linear_scalarization:weights=1", r"option 'weights' of linear_scalarization takes an object.*weights=\.\.\."),
         ("mtsgd:kernel=rbf", r"make_transform\('mtsgd', num_targets, kernel=\.\.\.\)"),
@@ -228,6 +228,10 @@ def test_methods_restriction_and_bad_arguments():
     assert parse_spec("mgda", methods=("mgda", "mtsgd")).name == "mgda"
     with pytest.raises(ValueError, match=r"unknown method 'svgd'; choose one of \('mgda', 'mtsgd'\)"):
         parse_spec("svgd", methods=("mgda", "mtsgd"))
+    # options= narrows the factory options a spec may set
+    assert parse_spec("mtsgd:weighting=score", options=("weighting",)).options == {"weighting": "score"}
+    with pytest.raises(ValueError, match=r"unknown option 'axis_name' for mtsgd; valid options: weighting, T\.$"):
+        parse_spec("mtsgd:axis_name=p", options=("weighting",), extra_options={"T": float})
     with pytest.raises(TypeError, match="spec must be a str"):
         parse_spec(3)
     with pytest.raises(ValueError, match=r"mgda has no option\(s\) \['kernel'\]; valid options: solver, solver_options, normalize_grads, warm_start"):

@@ -196,6 +196,77 @@ def test_registry_errors(tmp_path):
         make_optimizer("rmsprop", 1e-3)
 
 
+def _program(t, x, grads, losses):
+    """The jaxpr (text and constants) of one init + update of ``t``: equal programs compute equal updates."""
+    closed = jax.make_jaxpr(lambda x, g, l: t.update(g, t.init(x), x, losses=l))(x, grads, losses)
+    return str(closed.jaxpr), [np.asarray(c) for c in closed.consts]
+
+
+def _same_program(a, b):
+    if a[0] != b[0] or len(a[1]) != len(b[1]):
+        return False
+    return all(p.dtype == q.dtype and p.shape == q.shape and np.array_equal(p, q) for p, q in zip(a[1], b[1]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_make_method_builds_the_registered_transformation(dtype):
+    """make_method's transformation is the factory's, with make_method's options and the
+    pass-through ones (traced programs compared: no compilation)."""
+    from mtsgd_jax.transforms import mgda, moo_svgd, mtsgd, pareto_mtl
+
+    k, m = 3, 4
+    x = jax.random.normal(jax.random.key(0), (m, 5), dtype)
+    grads = x[None] - jnp.arange(k, dtype=dtype)[:, None, None]
+    losses = 0.5 * jnp.sum(grads**2, axis=-1)
+    cases = [
+        (dict(name="mtsgd", weighting="score", warm_start=False, block_size=2), mtsgd(k, weighting="score", warm_start=False, block_size=2), mtsgd(k)),
+        (dict(name="moo_svgd", repulsion=0.5, normalize_grads=True), moo_svgd(k, repulsion=0.5, normalize_grads=True), moo_svgd(k)),
+        (dict(name="mgda", normalize_grads=True, solver="projected_gradient"), mgda(k, normalize_grads=True, solver="projected_gradient"), mgda(k)),
+        (dict(name="pareto_mtl", pareto_warmup_steps=0, normalize_weights=True), pareto_mtl(k, warmup_steps=0, normalize_weights=True), pareto_mtl(k)),
+    ]
+    for kwargs, direct, default in cases:
+        method = make_method(num_tasks=k, num_particles=m, **kwargs)
+        got = _program(method.transform, x, grads, losses)
+        assert _same_program(got, _program(direct, x, grads, losses)), kwargs
+        assert not _same_program(got, _program(default, x, grads, losses)), kwargs  # the options changed the program
+        assert method.scalarization is None and method.num_particles == m and method.num_tasks == k
+
+
+def test_method_specs_and_option_errors():
+    from mtsgd_jax.training import methods
+
+    assert methods.parse_method("mtsgd") == ("mtsgd", {})
+    assert methods.parse_method(" mtsgd:weighting=score, warm_start=0 ") == ("mtsgd", {"weighting": "score", "warm_start": False})
+    assert methods.parse_method("moo_svgd:repulsion=2,normalize_grads=yes") == ("moo_svgd", {"repulsion": 2.0, "normalize_grads": True})
+    assert methods.parse_method("pareto_mtl:warmup_steps=10,solver=enumerate") == ("pareto_mtl", {"pareto_warmup_steps": 10, "solver": "enumerate"})
+    assert methods.parse_method("linear_scalarization:ls_weights=spread") == ("linear_scalarization", {"ls_weights": "spread"})
+    assert methods.parse_method("single_task") == ("single_task", {})
+    # every parsed spec is accepted by make_method
+    for spec in ("mtsgd:weighting=normalized,block_size=8", "pareto_mtl:warmup_steps=0", "linear_scalarization:ls_weights=spread"):
+        name, options = methods.parse_method(spec)
+        assert make_method(name, 2, 3, **options).name == name
+    bad = [
+        ("svgd", r"unknown method 'svgd'.*choose one of \('mtsgd', 'moo_svgd', 'mgda', 'linear_scalarization', 'pareto_mtl', 'single_task'\)"),
+        ("mtsgd:weighting=scores", r"option 'weighting' of mtsgd must be one of \('stein', 'normalized', 'score'\)"),
+        ("mgda:ls_weights=spread", r"unknown option 'ls_weights' for mgda; valid options: solver, normalize_grads, warm_start"),
+        ("linear_scalarization:ls_weights=even", r"option 'ls_weights': expected one of \('uniform', 'spread'\), got 'even'"),
+        ("linear_scalarization:weights=1", r"unknown option 'weights' for linear_scalarization; valid options: ls_weights\."),
+        ("single_task:ls_weights=spread", "single_task takes no options"),
+        ("moo_svgd:repulsion=lots", r"option 'repulsion' of moo_svgd: expected a number, got 'lots'"),
+    ]
+    for spec, match in bad:
+        with pytest.raises(ValueError, match=match):
+            methods.parse_method(spec)
+    with pytest.raises(ValueError, match="pass pareto_warmup_steps= instead"):
+        make_method("pareto_mtl", 2, 3, warmup_steps=5)
+    with pytest.raises(ValueError, match=r"mgda has no option\(s\) \['block_size'\]"):
+        make_method("mgda", 2, 3, block_size=4)
+    with pytest.raises(ValueError, match=r"no transformation options; got \['warm_start'\]"):
+        make_method("linear_scalarization", 2, 3, warm_start=False)
+    with pytest.raises(ValueError, match=r"ls_weights must be one of \('uniform', 'spread'\)"):
+        make_method("linear_scalarization", 2, 3, ls_weights="even")
+
+
 class _TinyBN(nn.Module):
     """Dense + batch norm + 2 two-way heads: the batch-norm path of the ResNet task, in miniature."""
 

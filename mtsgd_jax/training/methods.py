@@ -26,6 +26,14 @@ the (P, K) weights of that loss, the trainer differentiates
 (mathematically the same as :func:`~mtsgd_jax.linear_scalarization` on the
 per-task gradients, at 1/K of the cost).
 
+The transformations come from the registry
+(:func:`~mtsgd_jax.transforms.make_transform`); options of a transformation
+that :func:`make_method` does not name (``warm_start``, ``block_size``,
+``solver_options``, ``constraint_tol``, ...) pass through its
+``**transform_options``. On the command line a method is a spec,
+``NAME`` or ``NAME:key=value,...`` (:func:`parse_method`), e.g.
+``"mtsgd:weighting=score"``.
+
 Kernels (``kernel_space``, for ``mtsgd`` and ``moo_svgd``; ignored by the
 others): ``"parameter"`` is the RBF kernel (median bandwidth) on the
 flattened parameters; ``"function"`` is the RBF kernel on each network's
@@ -41,14 +49,19 @@ from typing import Callable, NamedTuple
 import numpy as np
 import optax
 
-from mtsgd_jax.transforms import mgda, moo_svgd, mtsgd, preference_vectors
-from mtsgd_jax.transforms._pareto_mtl import pareto_mtl
+from mtsgd_jax.transforms import make_transform, parse_spec, preference_vectors
 
-__all__ = ["METHODS", "KERNEL_SPACES", "OPTIMIZERS", "Method", "make_method", "make_optimizer"]
+__all__ = ["METHODS", "KERNEL_SPACES", "OPTIMIZERS", "Method", "make_method", "make_optimizer", "parse_method"]
 
 METHODS = ("mtsgd", "moo_svgd", "mgda", "linear_scalarization", "pareto_mtl", "single_task")
 KERNEL_SPACES = ("parameter", "function")
 OPTIMIZERS = ("sgd", "momentum", "adam")
+LS_WEIGHTS = ("uniform", "spread")
+
+# Methods trained through a registered transformation, and the option of make_method that stands
+# for a transformation's option of another name (make_method's keyword is recorded in checkpoints).
+_TRANSFORM_METHODS = ("mtsgd", "moo_svgd", "mgda", "pareto_mtl")
+_RENAMED = {"warmup_steps": "pareto_warmup_steps"}
 
 
 class Method(NamedTuple):
@@ -92,6 +105,7 @@ def make_method(
     pareto_warmup_steps: int = 100,
     ls_weights: str = "uniform",
     solver: str = "auto",
+    **transform_options,
 ) -> Method:
     """Build a :class:`Method`.
 
@@ -114,6 +128,15 @@ def make_method(
         ``"spread"`` (network m descends with the preference vector m of
         :func:`~mtsgd_jax.transforms.preference_vectors`).
       solver: QP backend for the min-norm problems (``"auto"``: exact for small sizes).
+      **transform_options: further keyword options of the method's
+        transformation (:func:`~mtsgd_jax.transforms.transform_options`), e.g.
+        ``warm_start=False`` or ``block_size=1024``; none for
+        ``linear_scalarization`` and ``single_task``.
+
+    Example:
+      >>> m = make_method("mtsgd", num_tasks=2, num_particles=5, weighting="score")
+      >>> m.name, m.num_particles, m.kernel_space
+      ('mtsgd', 5, 'parameter')
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {METHODS}.")
@@ -128,29 +151,80 @@ def make_method(
         if features is None:
             raise ValueError(f"{name}: kernel_space='function' needs features=(params, **extra_args) -> (M, p).")
         feats = features
-    if name == "mtsgd":
-        t = mtsgd(k, solver=solver, weighting=weighting, features=feats)
-        return Method(name, t, m, k, kernel_space=kernel_space)
-    if name == "moo_svgd":
-        t = moo_svgd(k, features=feats, repulsion=repulsion, solver=solver, normalize_grads=normalize_grads)
-        return Method(name, t, m, k, kernel_space=kernel_space)
-    if name == "mgda":
-        return Method(name, mgda(k, solver=solver, normalize_grads=normalize_grads), m, k)
-    if name == "pareto_mtl":
-        t = pareto_mtl(k, preferences, warmup_steps=pareto_warmup_steps, normalize_grads=normalize_grads, solver=solver)
-        return Method(name, t, m, k)
+    if name in _TRANSFORM_METHODS:
+        renamed = sorted(set(transform_options) & set(_RENAMED))
+        if renamed:
+            raise ValueError(f"make_method: pass {', '.join(_RENAMED[k] + '=' for k in renamed)} instead of {renamed}.")
+        named = {
+            "mtsgd": dict(solver=solver, weighting=weighting, features=feats),
+            "moo_svgd": dict(features=feats, repulsion=repulsion, solver=solver, normalize_grads=normalize_grads),
+            "mgda": dict(solver=solver, normalize_grads=normalize_grads),
+            "pareto_mtl": dict(
+                preferences=preferences, warmup_steps=pareto_warmup_steps, normalize_grads=normalize_grads, solver=solver
+            ),
+        }[name]
+        t = make_transform(name, k, **named, **transform_options)
+        return Method(name, t, m, k, kernel_space=kernel_space if kernel_method else None)
+    if transform_options:
+        raise ValueError(
+            f"make_method: {name} is trained through its scalarised loss and has no transformation options; "
+            f"got {sorted(transform_options)}."
+        )
     if name == "linear_scalarization":
         if ls_weights == "uniform":
             w = np.full((m, k), 1.0 / k)
         elif ls_weights == "spread":
             w = np.asarray(preference_vectors(m, k), dtype=float)
         else:
-            raise ValueError(f"ls_weights must be 'uniform' or 'spread', got {ls_weights!r}.")
+            raise ValueError(f"ls_weights must be one of {LS_WEIGHTS}, got {ls_weights!r}.")
         return Method(name, optax.identity(), m, k, scalarization=w)
     # single_task: K independent sets of M networks, set k on task k.
     assignment = np.repeat(np.arange(k), m)
     w = np.eye(k)[assignment]
     return Method(name, optax.identity(), k * m, k, scalarization=w, assignment=assignment)
+
+
+def _ls_weights(text: str) -> str:
+    if text not in LS_WEIGHTS:
+        raise ValueError(f"expected one of {LS_WEIGHTS}, got {text!r}")
+    return text
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """A method spec -> ``(name, options)``: :func:`make_method`'s name and keyword options.
+
+    ``spec`` is ``NAME`` or ``NAME:key=value,...`` with ``NAME`` in
+    :data:`METHODS`. For ``mtsgd``, ``moo_svgd``, ``mgda`` and ``pareto_mtl``
+    the keys are the options of the transformation, converted by their types
+    (:func:`~mtsgd_jax.transforms.parse_spec`; Pareto MTL's ``warmup_steps``
+    is returned as ``pareto_warmup_steps``); ``linear_scalarization`` takes
+    ``ls_weights=uniform|spread``; ``single_task`` takes none.
+
+    Raises:
+      ValueError: for an unknown method, option or value (the message lists
+        the valid ones).
+
+    Example:
+      >>> parse_method("mtsgd:weighting=score,warm_start=0")
+      ('mtsgd', {'weighting': 'score', 'warm_start': False})
+      >>> parse_method("pareto_mtl:warmup_steps=10")
+      ('pareto_mtl', {'pareto_warmup_steps': 10})
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"parse_method: spec must be a str like 'mtsgd:weighting=score', got {type(spec).__name__}.")
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip()
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r} in {spec!r}; choose one of {METHODS}.")
+    if name == "single_task":
+        if rest.strip(" ,"):
+            raise ValueError(f"{spec!r}: single_task takes no options.")
+        return name, {}
+    if name == "linear_scalarization":
+        parsed = parse_spec(spec, options=(), extra_options={"ls_weights": _ls_weights})
+        return name, parsed.extras
+    parsed = parse_spec(spec, methods=_TRANSFORM_METHODS)
+    return name, {_RENAMED.get(k, k): v for k, v in parsed.options.items()}
 
 
 def make_optimizer(name: str, lr: float, *, momentum: float = 0.9) -> optax.GradientTransformation:

@@ -122,10 +122,6 @@ def _option_types(name: str) -> dict[str, tuple[type | None, bool]]:
     return out
 
 
-def _spec_option_names(name: str) -> list[str]:
-    return [k for k, (kind, _) in _option_types(name).items() if kind is not None]
-
-
 def _convert(text: str, kind: type, allows_none: bool):
     """``text`` as a ``kind`` (bool / int / float / str), or None; ValueError naming what is expected."""
     low = text.lower()
@@ -173,6 +169,7 @@ def parse_spec(
     spec: str,
     *,
     methods: Collection[str] | None = None,
+    options: Collection[str] | None = None,
     extra_options: Mapping[str, type | Callable[[str], Any]] | None = None,
 ) -> TransformSpec:
     """Parse ``NAME`` or ``NAME:key=value,...`` into a :class:`TransformSpec`.
@@ -181,6 +178,8 @@ def parse_spec(
       spec: the spec string (surrounding white space ignored).
       methods: the names accepted (default: every key of :data:`TRANSFORMS`); an
         application that supports only some of them names those.
+      options: the factory options a spec may set (default: every scalar
+        option of the named factory); others are refused as unknown.
       extra_options: the application's own options: name -> ``bool``, ``int``,
         ``float`` or ``str`` (converted like the factory's options), or a
         function ``str -> value`` raising ``ValueError`` for a bad value. They
@@ -206,15 +205,17 @@ def parse_spec(
     name, items = _split(spec)
     _check_name(name, f"spec {spec!r}", methods)
     types_ = _option_types(name)
+    if options is not None:
+        types_ = {k: v for k, v in types_.items() if k in options}
     extra = dict(extra_options or {})
     shadow = sorted(set(extra) & set(types_))
     if shadow:
         raise ValueError(f"parse_spec: extra_options {shadow} shadow options of {name}; give them other names.")
-    valid = _spec_option_names(name) + list(extra)
-    options: dict = {}
+    valid = [k for k, (kind, _) in types_.items() if kind is not None] + list(extra)
+    parsed: dict = {}
     extras: dict = {}
     for key, text in items:
-        if key in options or key in extras:
+        if key in parsed or key in extras:
             raise ValueError(f"spec {spec!r}: option {key!r} is given twice.")
         if key in extra:
             conv = extra[key]
@@ -225,7 +226,7 @@ def parse_spec(
             continue
         if key not in types_:
             objects = [k for k in types_ if k not in valid]
-            also = f" (and, as make_transform keywords only: {', '.join(objects)})" if objects else ""
+            also = f" (not settable in a spec, only as keyword arguments: {', '.join(objects)})" if objects else ""
             raise ValueError(
                 f"spec {spec!r}: unknown option {key!r} for {name}; valid options: {', '.join(valid) or 'none'}{also}."
             )
@@ -242,8 +243,8 @@ def parse_spec(
         choices = _CHOICES.get(key)
         if choices is not None and value is not None and value not in choices:
             raise ValueError(f"spec {spec!r}: option {key!r} of {name} must be one of {choices}, got {value!r}.")
-        options[key] = value
-    return TransformSpec(name, options, extras)
+        parsed[key] = value
+    return TransformSpec(name, parsed, extras)
 
 
 def format_spec(name: str, options: Mapping[str, Any] | None = None) -> str:
