@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtsgd_jax._validation import num_particles
+from mtsgd_jax._validation import leaf_paths, num_particles
 
 PyTree = Any
 Array = jax.Array
@@ -88,6 +88,19 @@ def _spec(particles: PyTree) -> ParticleSpec:
     return ParticleSpec(treedef, shapes, dtypes, sizes)
 
 
+def _check_cast(leaves, dtype, name):
+    """Refuse a cast that loses the imaginary part (complex leaves into a real matrix)."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return
+    for path, leaf in leaves:
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating):
+            raise TypeError(
+                f"{name}{path} has dtype {jnp.result_type(leaf)}; casting it to {dtype} would drop the imaginary "
+                "part. Pass real arrays (jnp.asarray(x, jnp.float32)) or a complex dtype."
+            )
+
+
 def flatten_particles(particles: PyTree, dtype=None) -> tuple[Array, ParticleSpec]:
     """Flatten a particle pytree to an (M, d) matrix.
 
@@ -98,21 +111,37 @@ def flatten_particles(particles: PyTree, dtype=None) -> tuple[Array, ParticleSpe
     Returns:
       ``(x, spec)`` with ``x`` of shape (M, d), d = sum of per-particle leaf sizes
       in tree-flatten order, and ``spec`` for :func:`unflatten_particles`.
+
+    Raises:
+      TypeError: if ``dtype`` is real and a leaf is complex (the cast would drop
+        the imaginary part).
     """
     m = num_particles(particles)
     spec = _spec(particles)
     leaves = jax.tree_util.tree_leaves(particles)
     dtype = dtype or jnp.result_type(*leaves)
+    _check_cast(leaf_paths(particles), dtype, "particles")
     x = jnp.concatenate([jnp.reshape(leaf, (m, -1)).astype(dtype) for leaf in leaves], axis=1)
     return x, spec
 
 
 def flatten_target_grads(grads: PyTree, dtype=None) -> Array:
-    """Flatten per-target gradients with leaves (K, M, ...) to a (K, M, d) array."""
+    """Flatten per-target gradients with leaves (K, M, ...) to a (K, M, d) array.
+
+    Raises TypeError if ``dtype`` is real and a leaf is complex.
+    """
     leaves = jax.tree_util.tree_leaves(grads)
     dtype = dtype or jnp.result_type(*leaves)
+    _check_cast(leaf_paths(grads), dtype, "grads")
     k, m = np.shape(leaves[0])[:2]
     return jnp.concatenate([jnp.reshape(leaf, (k, m, -1)).astype(dtype) for leaf in leaves], axis=2)
+
+
+def _as_leaf(part: Array, dtype) -> Array:
+    """``part`` in the leaf's dtype; a real leaf of a complex matrix (from complex siblings) takes the real part."""
+    if jnp.issubdtype(part.dtype, jnp.complexfloating) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        part = jnp.real(part)
+    return part.astype(dtype)
 
 
 def unflatten_particles(x: Array, spec: ParticleSpec) -> PyTree:
@@ -124,7 +153,7 @@ def unflatten_particles(x: Array, spec: ParticleSpec) -> PyTree:
     batch = x.shape[:-1]
     offsets = np.cumsum((0,) + spec.sizes)
     leaves = [
-        jnp.reshape(x[..., lo:hi], batch + shape).astype(dt)
+        _as_leaf(jnp.reshape(x[..., lo:hi], batch + shape), dt)
         for lo, hi, shape, dt in zip(offsets[:-1], offsets[1:], spec.shapes, spec.dtypes)
     ]
     return jax.tree_util.tree_unflatten(spec.treedef, leaves)

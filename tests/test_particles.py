@@ -245,3 +245,36 @@ def test_flatten_particles_validates():
         mj.flatten_particles(jnp.zeros((0, 2)))
     with pytest.raises(ValueError):
         mj.flatten_particles({"a": jnp.zeros((2, 2)), "b": jnp.zeros((3, 2))})
+
+
+def test_num_particles_python_list_of_numbers_says_convert():
+    with pytest.raises(TypeError) as err:
+        mj.num_particles([[0.0, 1.0], [2.0, 3.0]], "params")
+    msg = str(err.value)
+    assert msg.startswith("params is a Python list of numbers (params[0][0] = 0.0);")
+    assert "jnp.asarray(params, jnp.float32)" in msg
+    with pytest.raises(TypeError, match=re.escape("particles['b'] is a Python tuple of numbers")):
+        mj.num_particles({"a": jnp.zeros((2, 1), jnp.float32), "b": (1.0, 2.0)})
+    # a list of arrays is a pytree of particles
+    assert mj.num_particles([jnp.zeros((3,), jnp.float32), jnp.ones((3, 2), jnp.float32)]) == 3
+
+
+def test_num_particles_number_leaf_in_a_dict_says_convert():
+    with pytest.raises(ValueError, match=re.escape("particles['a'] is a scalar") + ".*jnp.asarray"):
+        mj.num_particles({"a": 1.0})
+
+
+@pytest.mark.parametrize("real", [jnp.float32, jnp.float64])
+def test_flatten_refuses_to_drop_imaginary_parts(real):
+    z = jnp.asarray([[1.0 + 2.0j], [3.0 - 1.0j]], jnp.complex64 if real == jnp.float32 else jnp.complex128)
+    tree = {"r": jnp.ones((2, 2), real), "z": z}
+    with pytest.raises(TypeError, match=re.escape(f"particles['z'] has dtype {z.dtype}; casting it to {jnp.dtype(real)}")):
+        mj.flatten_particles(tree, dtype=real)
+    with pytest.raises(TypeError, match=re.escape(f"grads['z'] has dtype {z.dtype}")):
+        mj.flatten_target_grads(jax.tree_util.tree_map(lambda a: a[None], tree), dtype=real)
+    # without a real dtype the matrix is complex and loses nothing
+    x, spec = mj.flatten_particles(tree)
+    assert jnp.issubdtype(x.dtype, jnp.complexfloating)
+    back = mj.unflatten_particles(x, spec)
+    np.testing.assert_array_equal(back["z"], z)
+    assert back["r"].dtype == jnp.dtype(real)

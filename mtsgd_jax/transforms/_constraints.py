@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mtsgd_jax._validation import leaf_paths
+from mtsgd_jax._validation import check_state, leaf_paths
 
 PyTree = Any
 Array = jax.Array
@@ -224,6 +224,7 @@ def project_box(lower: PyTree, upper: PyTree) -> optax.GradientTransformationExt
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None, **extra_args):
+        check_state(state, optax.EmptyState, "project_box.update")
         del extra_args
         los, his = _bounds_for(params, lower, upper, "project_box")
         p_leaves, treedef = jax.tree_util.tree_flatten(params)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtsgd_jax._validation import check_target_grads, num_particles
+from mtsgd_jax._validation import check_init_inputs, check_target_grads, check_update_inputs, num_particles
 from mtsgd_jax.particles import flatten_particles, flatten_target_grads, unflatten_particles
 from mtsgd_jax.transforms._common import _check_num_targets, _float_dtype, _make_solver, _per_particle_min_norm
 
@@ -75,11 +75,13 @@ def mgda(
     solve = _make_solver(solver, solver_options, num_targets)
 
     def init_fn(params):
+        check_init_inputs(params, "mgda.init", normalize_grads=normalize_grads, warm_start=warm_start)
         m = num_particles(params, "params")
         dtype = _float_dtype(params)
         return MGDAState(jnp.full((m, num_targets), 1.0 / num_targets, dtype), jnp.zeros((), jnp.int32))
 
     def update_fn(grads, state, params=None, **extra_args):
+        check_update_inputs(grads, state, params, MGDAState, "mgda.update")
         del extra_args
         check_target_grads(grads, params, num_targets)
         x, spec = flatten_particles(params, dtype=_float_dtype(params))

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mtsgd_jax._validation import check_target_grads, num_particles
+from mtsgd_jax._validation import check_init_inputs, check_target_grads, check_update_inputs, num_particles
 from mtsgd_jax.particles import flatten_particles, flatten_target_grads, unflatten_particles
 from mtsgd_jax.transforms._common import _check_num_targets, _float_dtype, _make_solver
 from mtsgd_jax.transforms._scalarization import preference_vectors
@@ -193,6 +193,7 @@ def pareto_mtl(
         return pref_fixed
 
     def init_fn(params):
+        check_init_inputs(params, "pareto_mtl.init", constraint_tol=constraint_tol, normalize_grads=normalize_grads, normalize_weights=normalize_weights)
         m = num_particles(params, "params")
         prefs_for(m)
         dtype = _float_dtype(params)
@@ -204,6 +205,7 @@ def pareto_mtl(
         )
 
     def update_fn(grads, state, params=None, **extra_args):
+        check_update_inputs(grads, state, params, ParetoMTLState, "pareto_mtl.update", losses=extra_args.get("losses"))
         losses = extra_args.get("losses")
         if losses is None:
             raise ValueError(

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mtsgd_jax._validation import check_target_grads, num_particles
+from mtsgd_jax._validation import check_init_inputs, check_target_grads, check_update_inputs, num_particles
 from mtsgd_jax.transforms._common import _check_num_targets
 
 __all__ = ["linear_scalarization", "preference_vectors"]
@@ -84,12 +84,14 @@ def linear_scalarization(num_targets: int, weights=None) -> optax.GradientTransf
             raise ValueError("linear_scalarization: weights must be finite and non-negative.")
 
     def init_fn(params):
+        check_init_inputs(params, "linear_scalarization.init")
         m = num_particles(params, "params")
         if w.ndim == 2 and w.shape[0] != m:
             raise ValueError(f"linear_scalarization: weights has {w.shape[0]} rows but params has M={m} particles.")
         return optax.EmptyState()
 
     def update_fn(grads, state, params=None, **extra_args):
+        check_update_inputs(grads, state, params, optax.EmptyState, "linear_scalarization.update")
         del extra_args
         if params is not None:
             check_target_grads(grads, params, num_targets)
