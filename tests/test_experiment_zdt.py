@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -75,21 +76,90 @@ def test_point_set_metrics_on_the_true_front():
 
 def test_method_specs():
     spec = exp.parse_method("moo_svgd_obj:T=0.01,h=0.03,normalize=1")
-    assert spec.base == "moo_svgd" and spec.options == {"space": "objectives", "T": 0.01, "h": 0.03, "normalize": True}
+    assert spec.base == "moo_svgd" and spec.options == {"space": "objectives", "T": 0.01, "h": 0.03, "normalize_grads": True}
+    assert exp.parse_method("moo_svgd:normalize_grads=true").options == {"normalize_grads": True}
     assert exp.parse_method("mtsgd:weighting=normalized").options == {"weighting": "normalized"}
-    for bad in ("svgd", "mtsgd:T=0", "mtsgd:normalize=1", "linear:h=0.1", "mtsgd_obj:weighting=normalized", "mgda:T"):
-        with pytest.raises(ValueError):
-            exp.parse_method(bad)
+    assert exp.parse_method("mtsgd:solver=enumerate,warm_start=0,h=median").options == {"solver": "enumerate", "warm_start": False, "h": "median"}
+    assert exp.parse_method(" linear ") == exp.MethodSpec("linear", "linear_scalarization", {})
+    assert exp.parse_method("linear_scalarization:lr=0.01").options == {"lr": 0.01}
+    for label in exp.DEFAULT_METHODS:
+        assert exp.parse_method(label).label == label
+    bad = [
+        ("svgd", r"unknown method 'svgd' in 'svgd'; expected one of \('mtsgd', 'moo_svgd', 'mgda', 'linear_scalarization'"),
+        ("mtsgd:T=0", r"method 'mtsgd:T=0': option 'T': expected a positive number, got '0'"),
+        ("mtsgd:normalize=1", r"unknown option 'normalize_grads' for mtsgd; valid options: solver, warm_start, weighting, block_size, T, lr, h, space\.$"),
+        ("linear:h=0.1", r"method 'linear:h=0.1': unknown option 'h' for linear_scalarization; valid options: T, lr\.$"),
+        ("mtsgd_obj:weighting=normalized", "weighting=normalized is not available with space=objectives"),
+        ("mgda:T", "'T' is not key=value"),
+        ("mgda:axis_name=i", "unknown option 'axis_name' for mgda"),  # not a setting of this experiment
+        ("mtsgd:kernel=rbf", "unknown option 'kernel' for mtsgd"),  # the experiment's h sets the kernel
+        ("mtsgd:h=wide", "option 'h': expected median or a positive number, got 'wide'"),
+        ("mtsgd:h=-1", "option 'h': expected median or a positive number, got '-1'"),
+        ("moo_svgd:space=features", r"option 'space': expected theta or objectives, got 'features'"),
+        ("moo_svgd_obj:space=theta", "option 'space' is given twice"),
+        ("mtsgd:weighting=scores", r"option 'weighting' of mtsgd must be one of \('stein', 'normalized', 'score'\)"),
+        ("moo_svgd:repulsion=-1", "repulsion must be a non-negative number"),  # the factory's own check
+        ("mtsgd:block_size=0", "block_size must be a positive int"),
+    ]
+    for spec, match in bad:
+        with pytest.raises(ValueError, match=match):
+            exp.parse_method(spec)
     f1, f2 = exp.tempered_log_probs("zdt3", 5, 0.1)
     theta = jnp.full((5,), 0.3)
     assert float(f1(theta)) == pytest.approx(-3.0, rel=1e-6)
     assert exp.tempered_log_probs("zdt3", 5, 1.0) == exp.zdt("zdt3", 5).log_probs
 
 
+def _program(opt, x):
+    """The jaxpr (text and constants) of init + one update of ``opt`` on ZDT3's two loss gradients."""
+    prob = exp.zdt("zdt3", x.shape[1])
+
+    def run(x):
+        grads = jnp.stack([jax.vmap(jax.grad(lambda t, f=f: -f(t)))(x) for f in prob.log_probs])
+        return opt.update(grads, opt.init(x), x)
+
+    closed = jax.make_jaxpr(run)(x)
+    return str(closed.jaxpr), [np.asarray(c).tolist() for c in closed.consts]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_build_optimizer_is_the_transformation_with_the_spec_options(dtype):
+    """Each parsed spec builds the same program as the transformation called by hand (traced, not compiled)."""
+    import optax
+
+    from mtsgd_jax import kernels
+    from mtsgd_jax.transforms import linear_scalarization, mgda, moo_svgd, mtsgd, preference_vectors, project_box
+
+    m, n, lr = 6, 4, 1e-3
+    prob = exp.zdt("zdt3", n)
+    x = prob.init_particles(jax.random.key(0), m).astype(dtype)
+    feats = jax.vmap(prob.objectives)
+
+    def chain(stage, rate=lr):
+        return optax.chain(stage, optax.adam(rate), project_box(*exp.BOX))
+
+    cases = [
+        ("mtsgd_obj:T=0.03,h=0.01,weighting=score", chain(mtsgd(2, kernels.rbf(0.01), weighting="score", features=feats))),
+        ("mtsgd:solver=projected_gradient,lr=0.01", chain(mtsgd(2, kernels.rbf("median"), solver="projected_gradient"), 0.01)),
+        ("moo_svgd_obj:h=0.005,normalize=1,repulsion=0.5",
+         chain(moo_svgd(2, kernels.rbf(0.005), features=feats, normalize_grads=True, repulsion=0.5))),
+        ("mgda:normalize_grads=1", chain(mgda(2, normalize_grads=True))),
+        ("linear", chain(linear_scalarization(2, preference_vectors(m, 2)))),
+    ]
+    programs = {}
+    for label, direct in cases:
+        got = _program(exp.build_optimizer(exp.parse_method(label), prob, m, lr), x)
+        assert got == _program(direct, x), label
+        programs[label] = got
+    # the options matter: without them the program differs
+    assert _program(exp.build_optimizer(exp.parse_method("mtsgd_obj"), prob, m, lr), x) != programs["mtsgd_obj:T=0.03,h=0.01,weighting=score"]
+    assert _program(exp.build_optimizer(exp.parse_method("mgda"), prob, m, lr), x) != programs["mgda:normalize_grads=1"]
+
+
 def test_cli_rejects_bad_arguments(zdt_main, capsys):
     with pytest.raises(SystemExit):
         zdt_main(["zdt", "--methods", "mtsgd:bogus=1"])
-    assert "bad option" in capsys.readouterr().err
+    assert "method 'mtsgd:bogus=1': unknown option 'bogus' for mtsgd; valid options:" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="multiple of --trace-every"):
         zdt_main(["zdt", "--steps", "150", "--trace-every", "100"])
 

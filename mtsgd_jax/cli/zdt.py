@@ -30,9 +30,11 @@ def register(sub) -> None:
         "projected onto [1e-6, 1 - 1e-6]^n after each step); writes zdt3_fronts.png, zdt3_hv.png and zdt3.json and "
         "prints hypervolume (reference (1.1, 1.1) and the published MOO-SVGD point (0.990, 6.546)), IGD, IGD+, GD, "
         "segments covered and wall time, mean ± std over seeds. A method is NAME or NAME:key=value,... with NAME in "
-        "mtsgd, mtsgd_obj, moo_svgd, moo_svgd_obj, mgda, linear; keys: weighting=stein|normalized|score (mtsgd), "
-        "space=theta|objectives, h=median|FLOAT (mtsgd, moo_svgd), normalize=0|1 (moo_svgd, mgda), repulsion=FLOAT "
-        "(moo_svgd), T=FLOAT (target temperature), lr=FLOAT. See mtsgd_jax/experiments/zdt.py.",
+        "mtsgd, mtsgd_obj, moo_svgd, moo_svgd_obj, mgda, linear (= linear_scalarization); keys: any scalar option of "
+        "the transformation, e.g. weighting=stein|normalized|score and solver=... (mtsgd), repulsion=FLOAT "
+        "(moo_svgd), normalize_grads=0|1 (moo_svgd, mgda; normalize= is accepted too); and the experiment's "
+        "space=theta|objectives, h=median|FLOAT (mtsgd, moo_svgd), T=FLOAT (target temperature), lr=FLOAT. "
+        "See mtsgd_jax/experiments/zdt.py.",
         formatter_class=HelpFormatter,
     )
     add_common(p, "outputs/zdt3")

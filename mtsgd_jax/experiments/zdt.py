@@ -8,24 +8,33 @@ last in the optax chain; the published code clamps to the same box). The two
 targets are ``p_k ∝ exp(-f_k / T)`` with temperature ``T`` (default 1, the
 seed's ``exp(-f_k)``). For a seed, every method starts from the same particles.
 
-Methods (``--methods``; a method is ``NAME`` or ``NAME:key=value,...``):
+Methods (``--methods``; a method is ``NAME`` or ``NAME:key=value,...``, read
+by the transformations' registry, :func:`~mtsgd_jax.transforms.parse_spec`):
 
 * ``mtsgd`` -- :func:`~mtsgd_jax.mtsgd`, RBF kernel on theta, median bandwidth;
-  options ``weighting=stein|normalized|score``, ``space=theta|objectives``
-  (kernel on the objective vectors ``(f1, f2)``, repulsion pulled back through
-  the objectives), ``h=median|<float>`` (bandwidth);
+  ``mtsgd_obj`` = ``mtsgd:space=objectives``;
 * ``moo_svgd`` -- :func:`~mtsgd_jax.moo_svgd` with the kernel on theta;
   ``moo_svgd_obj`` = ``moo_svgd:space=objectives`` (kernel on the objective
-  vectors, as in the published ZDT code); options ``space``, ``h``,
-  ``normalize=0|1`` (unit-norm per-particle task gradients before MGDA),
-  ``repulsion=<alpha>``;
+  vectors, as in the published ZDT code);
 * ``mgda`` -- :func:`~mtsgd_jax.mgda` on every particle (no interaction);
-  option ``normalize``;
-* ``linear`` -- :func:`~mtsgd_jax.linear_scalarization` with one preference
-  vector per particle (:func:`~mtsgd_jax.preference_vectors`: ``(i/(M-1),
-  1 - i/(M-1))``), no interaction;
-* every method also takes ``T=<temperature>`` (overrides ``--temperature``)
-  and ``lr=<learning rate>`` (overrides ``--lr``).
+* ``linear_scalarization`` (or ``linear``) --
+  :func:`~mtsgd_jax.linear_scalarization` with one preference vector per
+  particle (:func:`~mtsgd_jax.preference_vectors`: ``(i/(M-1), 1 - i/(M-1))``),
+  no interaction.
+
+Options: every scalar option of the method's transformation
+(:func:`~mtsgd_jax.transforms.transform_options`), e.g.
+``weighting=stein|normalized|score`` and ``solver=...`` (``mtsgd``),
+``repulsion=<alpha>`` (``moo_svgd``), ``normalize_grads=0|1`` (``moo_svgd``,
+``mgda``: unit-norm per-particle task gradients before MGDA; ``normalize=``
+is accepted for it), and the experiment's own:
+
+* ``space=theta|objectives`` (``mtsgd``, ``moo_svgd``): the kernel on theta,
+  or on the objective vectors ``(f1, f2)`` with the repulsion pulled back
+  through the objectives (the transformations' ``features=``);
+* ``h=median|<float>`` (``mtsgd``, ``moo_svgd``): the kernel bandwidth;
+* ``T=<temperature>`` (overrides ``--temperature``) and ``lr=<learning
+  rate>`` (overrides ``--lr``), for every method.
 
 Temperature. MT-SGD and MOO-SVGD are samplers: each step balances a driving
 term (kernel-smoothed scores, ``∝ 1/T``) against the kernel repulsion
@@ -36,7 +45,7 @@ on the Pareto set. Lowering T sharpens both targets; ``T -> 0`` approaches a
 kernel-smoothed optimiser. Under Adam (invariant to a constant rescaling of
 its input up to its epsilon) T changes nothing for ``mgda`` and ``linear``,
 and for ``moo_svgd`` it is the same as multiplying the repulsion weight by T
-(``moo_svgd`` with ``normalize=1`` ignores T altogether). For ``mtsgd`` T also
+(``moo_svgd`` with ``normalize_grads=1`` ignores T altogether). For ``mtsgd`` T also
 changes the QP: ``U(T) = G / T^2 + (c 1^T + 1 c^T) / T + t``.
 
 Metrics, on the objective vectors of the final particles (all M of them, one
@@ -99,7 +108,7 @@ from mtsgd_jax import report
 from mtsgd_jax.metrics import hypervolume_2d, igd, igd_plus, non_dominated_mask, segments_covered
 from mtsgd_jax.problems import zdt
 from mtsgd_jax.sampling import sample
-from mtsgd_jax.transforms import linear_scalarization, mgda, moo_svgd, mtsgd, preference_vectors, project_box
+from mtsgd_jax.transforms import make_transform, parse_spec, preference_vectors, project_box, transform_options
 
 __all__ = [
     "BOX",
@@ -132,11 +141,11 @@ FRONT_POINTS = 1000
 """Points of the true front that IGD and IGD+ are measured against."""
 
 _OPTIMAL_HV_POINTS = 100_000
-BASES = ("mtsgd", "moo_svgd", "mgda", "linear")
+BASES = ("mtsgd", "moo_svgd", "mgda", "linear_scalarization")
 ALIASES = {
     "moo_svgd_obj": "moo_svgd:space=objectives",
     "mtsgd_obj": "mtsgd:space=objectives",
-    "linear_scalarization": "linear",
+    "linear": "linear_scalarization",
 }
 DEFAULT_METHODS = (
     "mtsgd",
@@ -148,29 +157,27 @@ DEFAULT_METHODS = (
     "mgda",
     "linear",
 )
+EXPERIMENT_OPTIONS = ("space", "h", "T", "lr")
+"""Options of a method spec that belong to the experiment, not to the transformation."""
+_KERNEL_METHODS = ("mtsgd", "moo_svgd")
+_OPTION_ALIASES = {"normalize": "normalize_grads"}  # the name the experiment used first, still accepted
+# Transformation options a spec may not set: the experiment sets them (kernel from h, features from
+# space, weights: one preference vector per particle), or they have no text form or no use here.
+_NOT_IN_SPECS = ("kernel", "features", "weights", "solver_options", "axis_name")
 METRICS = ("hv", "hv_published", "igd", "igd_plus", "gd", "segments", "non_dominated")
-_OPTIONS = {
-    "mtsgd": {"weighting", "space", "h", "T", "lr"},
-    "moo_svgd": {"space", "h", "normalize", "repulsion", "T", "lr"},
-    "mgda": {"normalize", "T", "lr"},
-    "linear": {"T", "lr"},
-}
-
 
 class MethodSpec(NamedTuple):
-    """A parsed ``--methods`` entry: ``label`` (as given), ``base`` method and its ``options``."""
+    """A parsed ``--methods`` entry.
+
+    Attributes:
+      label: the entry as given (white space stripped): the method's name in the results.
+      base: the transformation's name in :data:`~mtsgd_jax.transforms.TRANSFORMS`.
+      options: the transformation's options and the experiment's (:data:`EXPERIMENT_OPTIONS`), converted.
+    """
 
     label: str
     base: str
     options: dict
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise ValueError(f"expected 0/1/true/false, got {text!r}")
 
 
 def _positive(text: str) -> float:
@@ -180,49 +187,62 @@ def _positive(text: str) -> float:
     return value
 
 
+def _bandwidth(text: str):
+    if text == "median":
+        return text
+    try:
+        return _positive(text)
+    except ValueError:
+        raise ValueError(f"expected median or a positive number, got {text!r}") from None
+
+
+def _space(text: str) -> str:
+    if text not in ("theta", "objectives"):
+        raise ValueError(f"expected theta or objectives, got {text!r}")
+    return text
+
+
 def parse_method(spec: str) -> MethodSpec:
     """Parse ``NAME`` or ``NAME:key=value,...`` (see the module docstring).
+
+    Raises:
+      ValueError: for an unknown method or option (the message lists the valid
+        ones), or a bad value; the message starts with the entry as given.
 
     Example:
       >>> parse_method("mtsgd:weighting=score,T=0.01")
       MethodSpec(label='mtsgd:weighting=score,T=0.01', base='mtsgd', options={'weighting': 'score', 'T': 0.01})
-      >>> parse_method("moo_svgd_obj").options
-      {'space': 'objectives'}
+      >>> parse_method("moo_svgd_obj:normalize=1").options
+      {'normalize_grads': True, 'space': 'objectives'}
     """
     label = spec.strip()
-    name, _, rest = ALIASES.get(label, label).partition(":")
-    if name in ALIASES:  # an alias with extra options: moo_svgd_obj:T=0.1
-        alias_name, _, alias_rest = ALIASES[name].partition(":")
-        name, rest = alias_name, ",".join(s for s in (alias_rest, rest) if s)
+    name, _, rest = label.partition(":")
+    name = name.strip()
+    if name in ALIASES:  # an alias, possibly with extra options: moo_svgd_obj:T=0.1
+        name, _, alias_rest = ALIASES[name].partition(":")
+        rest = ",".join(s for s in (alias_rest, rest) if s.strip())
     if name not in BASES:
         raise ValueError(f"unknown method {name!r} in {spec!r}; expected one of {BASES + tuple(ALIASES)}.")
-    options: dict = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
+    items = []
+    for item in rest.split(","):
         key, eq, value = item.partition("=")
-        if not eq or key not in _OPTIONS[name]:
-            raise ValueError(f"{spec!r}: bad option {item!r}; {name} accepts {sorted(_OPTIONS[name])} as key=value.")
-        try:
-            if key == "weighting":
-                if value not in ("stein", "normalized", "score"):
-                    raise ValueError(f"weighting must be stein, normalized or score, got {value!r}")
-            elif key == "space":
-                if value not in ("theta", "objectives"):
-                    raise ValueError(f"space must be theta or objectives, got {value!r}")
-            elif key == "h":
-                value = value if value == "median" else _positive(value)
-            elif key == "normalize":
-                value = _bool(value)
-            elif key == "repulsion":
-                value = float(value)
-                if value < 0:
-                    raise ValueError("repulsion must be >= 0")
-            else:  # T, lr
-                value = _positive(value)
-        except ValueError as err:
-            raise ValueError(f"{spec!r}: {err}") from None
-        options[key] = value
-    if name == "mtsgd" and options.get("space") == "objectives" and options.get("weighting") == "normalized":
-        raise ValueError(f"{spec!r}: weighting=normalized is not available with space=objectives (mtsgd features=).")
+        items.append(f"{_OPTION_ALIASES[key.strip()]}={value}" if eq and key.strip() in _OPTION_ALIASES else item)
+    extra = {"T": _positive, "lr": _positive}
+    if name in _KERNEL_METHODS:
+        extra.update(h=_bandwidth, space=_space)
+    allowed = [k for k in transform_options(name) if k not in _NOT_IN_SPECS]
+    expanded = f"{name}:{','.join(items)}"
+    try:
+        parsed = parse_spec(expanded, methods=BASES, options=allowed, extra_options=extra)
+        options = {**parsed.options, **parsed.extras}
+        if name == "mtsgd" and options.get("space") == "objectives" and options.get("weighting") == "normalized":
+            raise ValueError("weighting=normalized is not available with space=objectives (mtsgd features=).")
+        make_transform(parsed, 2)  # the factory's own checks of the values, now rather than mid-run
+    except ValueError as err:
+        message = str(err)
+        if message.startswith(f"spec {expanded!r}: "):
+            message = message[len(f"spec {expanded!r}: ") :]
+        raise ValueError(f"method {label!r}: {message}") from None
     return MethodSpec(label, name, options)
 
 
@@ -245,20 +265,23 @@ def tempered_log_probs(name: str, num_variables: int, temperature: float) -> tup
 
 
 def build_optimizer(spec: MethodSpec, prob, num_particles: int, lr: float) -> optax.GradientTransformation:
-    """``optax.chain(<method>, adam(lr), project_box(*BOX))`` for one parsed method."""
+    """``optax.chain(<method>, adam(lr), project_box(*BOX))`` for one parsed method.
+
+    The method is :func:`~mtsgd_jax.transforms.make_transform` of ``spec.base``
+    with the spec's transformation options; the experiment's options become
+    the kernel (``h``), the features (``space``: ``prob.objectives`` of every
+    particle) and the learning rate (``lr``); linear scalarisation gets one
+    preference vector per particle.
+    """
     o = spec.options
     lr = o.get("lr", lr)
-    kernel = _kernels.rbf(o.get("h", "median"))
-    features = jax.vmap(prob.objectives) if o.get("space") == "objectives" else None
-
-    if spec.base == "mtsgd":
-        stage = mtsgd(2, kernel, weighting=o.get("weighting", "stein"), features=features)
-    elif spec.base == "moo_svgd":
-        stage = moo_svgd(2, kernel, features=features, normalize_grads=o.get("normalize", False), repulsion=o.get("repulsion", 1.0))
-    elif spec.base == "mgda":
-        stage = mgda(2, normalize_grads=o.get("normalize", False))
-    else:
-        stage = linear_scalarization(2, preference_vectors(num_particles, 2))
+    options = {k: v for k, v in o.items() if k not in EXPERIMENT_OPTIONS}
+    if spec.base in _KERNEL_METHODS:
+        options["kernel"] = _kernels.rbf(o.get("h", "median"))
+        options["features"] = jax.vmap(prob.objectives) if o.get("space") == "objectives" else None
+    elif spec.base == "linear_scalarization":
+        options["weights"] = preference_vectors(num_particles, 2)
+    stage = make_transform(spec.base, 2, **options)
     return optax.chain(stage, optax.adam(lr), project_box(*BOX))
 
 
@@ -318,16 +341,19 @@ def run_zdt(
     if len(set(labels)) != len(labels):
         raise ValueError(f"methods must be distinct, got {labels}.")
     inits = [prob.init_particles(jax.random.key(int(s)), num_particles) for s in seeds]
+    # Every optimiser is built and initialised before the first run: a bad option stops here.
+    opts = [build_optimizer(spec, prob, num_particles, lr) for spec in specs]
+    for opt in opts:
+        opt.init(inits[0])
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(seeds) * len(specs), desc="zdt3", unit="run")
     results = {}
-    for spec in specs:
+    for spec, opt in zip(specs, opts):
         t_k = spec.options.get("T", temperature)
         target = tempered_log_probs("zdt3", num_variables, t_k)
-        opt = build_optimizer(spec, prob, num_particles, lr)
         start = time.perf_counter()
         compiled = jax.jit(lambda x: sample(target, opt, x, steps, trace_every=trace_every)).lower(inits[0]).compile()
         compile_s = time.perf_counter() - start
