@@ -10,6 +10,16 @@ from mtsgd_jax.cli._common import HelpFormatter, add_common, non_negative_int, p
 REQUIRES = ("matplotlib",)
 
 
+def _method(text: str) -> str:
+    from mtsgd_jax.experiments.scaling import K_TOY, make_transformation
+
+    try:
+        make_transformation(text, K_TOY)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def register(sub) -> None:
     from mtsgd_jax.experiments.scaling import DEFAULT_SIZES, METHODS
 
@@ -24,7 +34,11 @@ def register(sub) -> None:
     )
     add_common(p, "outputs/scaling")
     p.add_argument("--sizes", type=positive_int, nargs="+", default=list(DEFAULT_SIZES), help="particle counts M")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS) + ["linear_scalarization"], help="methods to time")
+    p.add_argument(
+        "--methods", type=_method, nargs="+", default=list(METHODS),
+        help="methods to time: floor, mtsgd[BACKEND], or a transformation spec NAME[:key=value,...] "
+        "(e.g. linear_scalarization, mtsgd:solver=osqp)",
+    )
     p.add_argument("--steps", type=positive_int, default=1000, help="steps N per timed run")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats per method and M (median reported)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="PRNG seed of the initial particles")

@@ -18,6 +18,11 @@ Methods (``METHODS``):
   (same kernel and bandwidth rule), averaged: no U, no QP. What any K-target
   SVGD-style sampler must pay.
 
+Any other spec of the transformations' registry is accepted too
+(:func:`~mtsgd_jax.transforms.make_transform`), e.g.
+``linear_scalarization`` or ``mtsgd:solver=osqp,warm_start=0``
+(``mtsgd[<backend>]`` is ``mtsgd:solver=<backend>``).
+
 Two further measurements:
 
 * :func:`network_case` -- per-step cost of each transformation at network size
@@ -52,7 +57,7 @@ from mtsgd_jax import report
 from mtsgd_jax.particles import flatten_particles, flatten_target_grads, unflatten_particles
 from mtsgd_jax.problems import toy_problem
 from mtsgd_jax.sampling import sample
-from mtsgd_jax.transforms import linear_scalarization, mgda, moo_svgd, mtsgd
+from mtsgd_jax.transforms import make_transform, parse_spec, transform_options
 
 __all__ = [
     "METHODS",
@@ -104,20 +109,35 @@ def svgd_floor(kernel: _kernels.RadialKernel | None = None, *, block_size: int |
 
 
 def make_transformation(method: str, num_targets: int, *, block_size: int | None = None):
-    """The transformation a benchmark method name stands for (see ``METHODS``)."""
+    """The transformation a benchmark method stands for (see the module docstring).
+
+    Args:
+      method: ``"floor"``, ``"mtsgd[<backend>]"``, or a spec of the registry
+        (``"mtsgd"``, ``"moo_svgd:repulsion=0.5"``, ...).
+      num_targets: K.
+      block_size: row-block size of the kernel interactions, for the methods
+        that have them (``mtsgd``, ``moo_svgd``, ``floor``); overrides the
+        spec's.
+
+    Raises:
+      ValueError: for an unknown method or option (the message lists the
+        valid ones), or a value the transformation refuses.
+    """
     if method == "floor":
         return svgd_floor(block_size=block_size)
-    if method == "moo_svgd":
-        return moo_svgd(num_targets, block_size=block_size)
-    if method == "mgda":
-        return mgda(num_targets)
-    if method == "linear_scalarization":
-        return linear_scalarization(num_targets)
-    if method == "mtsgd":
-        return mtsgd(num_targets, block_size=block_size)
     if method.startswith("mtsgd[") and method.endswith("]"):
-        return mtsgd(num_targets, solver=method[6:-1], block_size=block_size)
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS} or 'linear_scalarization'.")
+        method = f"mtsgd:solver={method[6:-1]}"
+    try:
+        spec = parse_spec(method)
+    except ValueError as err:
+        if "unknown method" not in str(err):
+            raise
+        raise ValueError(f"{err} Benchmark methods: {METHODS}, or a spec of any of those.") from None
+    if spec.name == "pareto_mtl":
+        raise ValueError(f"{method!r}: pareto_mtl needs the loss values (losses=), which the benchmark's sample() loop does not pass.")
+    if block_size is not None and "block_size" in transform_options(spec.name):
+        return make_transform(spec, num_targets, block_size=block_size)
+    return make_transform(spec, num_targets)
 
 
 def _toy_runner(prob, opt, steps):
