@@ -35,6 +35,67 @@ def test_help_lists_the_options(capsys):
         assert opt in out
 
 
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    """``mtsgd train`` up to the call of ``train``: the task is a stand-in, ``train`` records its
+    method and options and stops the run."""
+    import types
+
+    import mtsgd_jax.training as training
+
+    calls = []
+    task = types.SimpleNamespace(name="fake", num_tasks=2, train_data=[0] * 8, eval_data=[0] * 4, eval_name="test")
+    monkeypatch.setattr(training, "make_task", lambda *a, **k: task)
+
+    def train(task, method, **kwargs):
+        calls.append((method, kwargs["method_options"]))
+        raise _Stop
+
+    monkeypatch.setattr(training, "train", train)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "argv, method, options",
+    [
+        ([], "mtsgd", {}),
+        (["--weighting", "score"], "mtsgd", {"weighting": "score"}),
+        (["--method", "mtsgd:weighting=normalized,solver=enumerate"], "mtsgd", {"weighting": "normalized", "solver": "enumerate"}),
+        (["--method", "mtsgd:weighting=score", "--weighting", "score"], "mtsgd", {"weighting": "score"}),
+        (["--method", "moo_svgd:repulsion=0.5,normalize_grads=1"], "moo_svgd", {"repulsion": 0.5, "normalize_grads": True}),
+        (["--method", "pareto_mtl:warmup_steps=5"], "pareto_mtl", {"pareto_warmup_steps": 5}),
+        (["--method", "linear_scalarization:ls_weights=spread", "--weighting", "normalized"], "linear_scalarization", {"ls_weights": "spread"}),
+        (["--method", "single_task"], "single_task", {}),
+    ],
+)
+def test_method_specs_reach_train(fake_train, argv, method, options):
+    with pytest.raises(_Stop):
+        _run(argv + ["--no-progress"])
+    assert fake_train == [(method, options)]
+
+
+def test_bad_method_specs_are_refused(fake_train, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parser().parse_args(["train", "--method", "mtsgd:weighting=scores"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --method" in err and "option 'weighting' of mtsgd must be one of ('stein', 'normalized', 'score')" in err
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["train", "--method", "gradnorm"])
+    assert "unknown method 'gradnorm'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["train", "--method", "mgda:block_size=4"])
+    assert "unknown option 'block_size' for mgda; valid options: solver, normalize_grads, warm_start" in capsys.readouterr().err
+    # the weighting given twice, differently: exit status 2 before anything is loaded
+    assert _run(["--method", "mtsgd:weighting=score", "--weighting", "stein", "--no-progress"]) == 2
+    assert "--weighting stein contradicts --method mtsgd:weighting=score" in capsys.readouterr().err
+    assert fake_train == []
+
+
 COMMON = ["--task", "multi-digits", "--method", "linear_scalarization", "--num-particles", "3",
           "--batch-size", "32", "--num-train", "512", "--num-eval", "200", "--optimizer", "adam",
           "--lr", "2e-3", "--seed", "1", "--no-progress"]

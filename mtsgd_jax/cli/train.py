@@ -29,7 +29,12 @@ def register(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--task", default="multi-digits", choices=_TASKS, help="problem (multi-digits needs no data files)")
-    p.add_argument("--method", default="mtsgd", choices=_METHODS, help="training method")
+    p.add_argument(
+        "--method", type=_method, default="mtsgd", metavar="METHOD",
+        help=f"training method: NAME or NAME:key=value,... with NAME in {{{', '.join(_METHODS)}}}; keys: the "
+        "transformation's options (e.g. mtsgd:weighting=score,solver=enumerate; moo_svgd:repulsion=0.5; "
+        "mgda:normalize_grads=1; pareto_mtl:warmup_steps=50), linear_scalarization:ls_weights=uniform|spread",
+    )
     p.add_argument("--num-particles", type=positive_int, default=5, help="networks M per particle set")
     p.add_argument("--epochs", type=positive_int, default=None, help="epochs in all (default: the task's)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="training batch size (default: the task's)")
@@ -42,7 +47,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="initialisation and mini-batch order seed")
     p.add_argument("--kernel-space", default="parameter", choices=("parameter", "function"),
                    help="mtsgd / moo_svgd kernel: on the parameters, or on each network's outputs on the batch")
-    p.add_argument("--weighting", default="stein", choices=("stein", "normalized", "score"), help="MT-SGD's weighting")
+    p.add_argument("--weighting", default=None, choices=("stein", "normalized", "score"),
+                   help="MT-SGD's weighting (default stein; the same as --method mtsgd:weighting=...)")
     p.add_argument("--eval-every", type=positive_int, default=1, help="evaluate every this many epochs")
     p.add_argument("--resume", action="store_true", help="continue from the last intact checkpoint in --out")
     p.add_argument("--allow-changed", type=_setting_names, default=(), metavar="SETTINGS",
@@ -57,6 +63,27 @@ def requires(args) -> tuple[str, ...]:
     """Optional modules ``mtsgd train`` imports for these arguments: orbax (checkpoints) and the task's loader's."""
     loader = {"multi-digits": ("sklearn",), "sarcos": ("scipy",), "celeba": ("PIL",)}.get(args.task, ())
     return ("orbax.checkpoint", *loader)
+
+
+def _method(text: str) -> str:
+    from mtsgd_jax.training.methods import parse_method
+
+    try:
+        parse_method(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _method_and_options(args) -> tuple[str, dict]:
+    """``--method`` and ``--weighting`` -> (make_method name, options); ValueError if they disagree."""
+    from mtsgd_jax.training.methods import parse_method
+
+    name, options = parse_method(args.method)
+    if name == "mtsgd" and args.weighting is not None:
+        if options.setdefault("weighting", args.weighting) != args.weighting:
+            raise ValueError(f"--weighting {args.weighting} contradicts --method {args.method}; give the weighting once.")
+    return name, options
 
 
 def _setting_names(text: str) -> tuple[str, ...]:
@@ -85,6 +112,11 @@ def run(args) -> int:
     from mtsgd_jax.training.trainer import ResumeMismatchError
 
     try:
+        method, method_options = _method_and_options(args)
+    except ValueError as e:
+        print(f"mtsgd train: {e}", file=sys.stderr)
+        return 2
+    try:
         task = make_task(args.task, args.data_dir, num_train=args.num_train, num_eval=args.num_eval)
     except FileNotFoundError as e:
         print(f"mtsgd train: data for task {args.task!r} not found:\n{e}", file=sys.stderr)
@@ -106,7 +138,7 @@ def run(args) -> int:
             warnings.simplefilter("always", CheckpointDamagedWarning)
             trainer, result = train(
                 task,
-                args.method,
+                method,
                 num_particles=args.num_particles,
                 epochs=args.epochs,
                 batch_size=args.batch_size,
@@ -118,7 +150,7 @@ def run(args) -> int:
                 resume=args.resume,
                 progress=args.progress,
                 eval_every=args.eval_every,
-                method_options={"weighting": args.weighting} if args.method == "mtsgd" else None,
+                method_options=method_options,
                 log=lambda line: print(line, flush=True),
                 allow_changed=args.allow_changed if args.resume else (),
             )
