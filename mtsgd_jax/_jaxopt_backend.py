@@ -1,8 +1,9 @@
 """The only module that touches jaxopt (unmaintained): swap this file to change backend.
 
-Both functions solve ``min_{w in simplex} w^T U w`` for a (K, K) PSD ``U`` that
-the caller has already rescaled to unit maximum diagonal, and return raw
-iterates; :mod:`mtsgd_jax.qp` projects them back onto the simplex.
+Both functions solve ``min_{w in simplex} w^T U w`` for a (K, K) symmetric PSD
+``U`` that the caller has already rescaled by a power of two (largest entry in
+[1, 2), so nothing here can overflow), and return raw iterates;
+:mod:`mtsgd_jax.qp` projects them back onto the simplex and polishes them.
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ def projected_gradient(u, init, maxiter: int, tol: float):
     jaxopt = _jaxopt()
     from jaxopt.projection import projection_simplex
 
-    # Rescale (the minimiser is scale invariant) so that the Gershgorin bound on
-    # lambda_max(U) is one: the gradient 2 U w is then 2-Lipschitz and the static
-    # step 1/2 is safe without being needlessly short.
+    from mtsgd_jax.qp import _scale_by_power_of_two  # qp imports this module
+
+    # Rescale (the minimiser is scale invariant) by the power of two that puts the
+    # Gershgorin bound on lambda_max(U) in [1/2, 1): the gradient 2 U w is then at most
+    # 2-Lipschitz and the static step 1/2 is safe without being needlessly short. A power
+    # of two keeps the rescaled U exactly proportional to the caller's.
     bound = jnp.max(jnp.sum(jnp.abs(u), axis=1))
-    u = u / jnp.maximum(bound, jnp.finfo(u.dtype).tiny)
+    u = 0.5 * _scale_by_power_of_two(u, bound)
     solver = jaxopt.ProjectedGradient(
         fun=lambda w, mat: w @ mat @ w,
         projection=projection_simplex,

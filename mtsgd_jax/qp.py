@@ -14,30 +14,40 @@ particle (vmap :func:`min_norm_weights`). Backends:
     the MGDA min-norm solver of Sener & Koltun (2018): start from the best
     pair of vertices, then Frank-Wolfe steps with exact line search.
 ``"closed_form"``
-    exact solution for K <= 2: ``w_1 = clip((U22 - U12) / (U11 + U22 - 2 U12), 0, 1)``.
+    exact solution for K <= 2: ``w_1 = clip((U22 - U12) / (U11 + U22 - 2 U12), 0, 1)``
+    when the denominator is positive, else (an indefinite U from rounding) the
+    vertex of smaller diagonal entry.
 ``"enumerate"``
     exact for small K (at most 12): solves the KKT system of every one of the
-    2^K - 1 candidate supports at once (batched, no loop) and keeps the best
-    feasible one. No iterations, so it is the fastest choice for a few targets
+    2^K - 1 candidate supports at once (batched, no loop) and keeps the
+    candidate of smallest Lemma-1 gap. No iterations, so it is the fastest choice for a few targets
     and, vmapped, for MOO-SVGD's and MGDA's per-particle problems.
 
-Whatever the backend, U is first symmetrised and scaled to unit maximum
-diagonal (the minimiser is scale invariant, and this makes tolerances
-relative); the backend's answer is then polished by a short active-set search
-that is kept only when it certifiably solves the problem, and projected onto
-the simplex, so the returned
-weights are always non-negative and sum to one. A U with non-finite entries
-gives uniform weights, and a backend whose output is non-finite or far off the
-simplex falls back to the initial point. All backends are jit- and vmap-compatible.
+Whatever the backend, U is first multiplied by an exact power of two that
+puts its largest entry in [1, 2), then symmetrised (the minimiser is scale
+invariant; the scaling is exact, so nothing overflows or flushes to zero, and
+it makes tolerances relative). Iterative backends' answers are then polished by
+a short active-set search that keeps the candidate with the smallest Lemma-1
+gap ``w^T U w - min_k (U w)_k`` (zero exactly at a minimiser, and an upper
+bound on half the objective excess), and never one worse than the backend's
+own. The returned weights are always non-negative and sum to one. A U with
+non-finite entries gives uniform weights, and a backend whose output is
+non-finite or far off the simplex falls back to the initial point. All
+backends are jit- and vmap-compatible.
+
+``"auto"`` picks an exact backend for few targets (:func:`_auto_method`).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from mtsgd_jax import _jaxopt_backend
 
@@ -48,6 +58,114 @@ __all__ = ["min_norm_weights", "projection_simplex", "SOLVERS"]
 SOLVERS = ("projected_gradient", "osqp", "frank_wolfe", "closed_form", "enumerate")
 
 _ENUMERATE_MAX_K = 12
+
+# "auto": the exact closed form up to this K, exact enumeration of the supports up to
+# _AUTO_ENUMERATE_MAX_K (2^K - 1 batched KKT solves: cheap there), projected gradient above.
+_AUTO_CLOSED_FORM_MAX_K = 2
+_AUTO_ENUMERATE_MAX_K = 6
+
+
+def _auto_method(num_targets: int) -> str:
+    """The backend ``"auto"`` stands for with K = ``num_targets`` targets.
+
+    ``"closed_form"`` for K <= 2, ``"enumerate"`` for 3 <= K <= 6 (both exact),
+    ``"projected_gradient"`` (polished) above.
+    """
+    if num_targets <= _AUTO_CLOSED_FORM_MAX_K:
+        return "closed_form"
+    if num_targets <= _AUTO_ENUMERATE_MAX_K:
+        return "enumerate"
+    return "projected_gradient"
+
+
+_OPTION_NAMES = ("maxiter", "tol", "polish")
+
+
+def _check_solver_options(options: Mapping | None, *, where: str) -> dict:
+    """Validated ``{"maxiter", "tol", "polish"}`` (each optional), with plain Python values.
+
+    Args:
+      options: a mapping with a subset of the keys ``maxiter`` (int >= 0),
+        ``tol`` (finite number >= 0) and ``polish`` (bool); ``None`` values mean
+        the method's default.
+      where: how error messages name the options: ``"solver_options"`` gives
+        ``solver_options['tol']``, a name ending in a colon such as
+        ``"min_norm_weights:"`` gives ``min_norm_weights: tol``.
+
+    Raises:
+      ValueError: naming the offending key, the value given and what is expected.
+    """
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ValueError(f"{where} must be a dict with keys among {_OPTION_NAMES} or None, got {options!r}.")
+    unknown = sorted(set(options) - set(_OPTION_NAMES), key=str)
+    if unknown:
+        raise ValueError(
+            f"{where} accepts only the keys {_OPTION_NAMES}, got unexpected {unknown}; remove them "
+            "(optimiser settings such as a learning rate belong to the optax optimiser chained after it)."
+        )
+    def label(key):
+        return f"{where} {key}" if where.endswith(":") else f"{where}[{key!r}]"
+
+    out = {}
+    maxiter = options.get("maxiter")
+    if maxiter is not None:
+        if isinstance(maxiter, (bool, np.bool_)) or not isinstance(maxiter, (int, np.integer)) or maxiter < 0:
+            raise ValueError(
+                f"{label('maxiter')} must be a non-negative int (the iteration cap), or None for the "
+                f"method's default; got {maxiter!r}."
+            )
+        out["maxiter"] = int(maxiter)
+    tol = options.get("tol")
+    if tol is not None:
+        ok = not isinstance(tol, (bool, np.bool_)) and isinstance(tol, (int, float, np.integer, np.floating))
+        if not ok or not math.isfinite(tol) or tol < 0:
+            raise ValueError(
+                f"{label('tol')} must be a finite number >= 0 (relative to U's largest entry), or None for "
+                f"the dtype's default; got {tol!r}."
+            )
+        out["tol"] = float(tol)
+    polish = options.get("polish")
+    if polish is not None:
+        if not isinstance(polish, (bool, np.bool_)):
+            raise ValueError(f"{label('polish')} must be True, False or None (the method's default); got {polish!r}.")
+        out["polish"] = bool(polish)
+    return out
+
+
+def _exp2(n: Array, dtype) -> Array:
+    """``2.0 ** n`` exactly in ``dtype``, built from its bits; n is an integer array in the normal exponent range."""
+    info = jnp.finfo(dtype)
+    bias = 1 - info.minexp
+    n = jnp.clip(n.astype(jnp.int32), info.minexp, info.maxexp - 1)
+    uint = {16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint64}[info.bits]
+    return lax.bitcast_convert_type((n + bias).astype(uint) << info.nmant, dtype)
+
+
+def _scale_by_power_of_two(x: Array, amax: Array) -> Array:
+    """``x * 2**(1 - e)`` with ``amax = m 2**e``, ``m in [0.5, 1)``: an exact rescaling putting ``amax`` in [1, 2).
+
+    Args:
+      x: any shape, float.
+      amax: shape broadcastable against ``x``, the (non-negative) magnitude to
+        normalise, typically ``max |x|`` over the axes that share one scale.
+        Zero or non-finite ``amax`` leaves ``x`` unchanged.
+
+    Returns:
+      ``x``'s shape and dtype. The factor is applied as two multiplications by
+      powers of two that each stay in the normal range, so it is exact unless
+      an entry falls more than the dtype's exponent range below ``amax``;
+      nothing is ever computed as a reciprocal (XLA rewrites ``x / s`` as
+      ``x * (1 / s)``, and ``1 / s`` is subnormal -- flushed to zero -- for
+      ``s`` near the top of the range).
+    """
+    amax = jnp.asarray(amax, x.dtype)
+    ok = jnp.isfinite(amax) & (amax > 0)
+    _, e = jnp.frexp(jnp.where(ok, amax, 1.0))
+    n = jnp.where(ok, 1 - e.astype(jnp.int32), 0)
+    half = n // 2
+    return x * _exp2(half, x.dtype) * _exp2(n - half, x.dtype)
 
 
 def projection_simplex(v: Array) -> Array:
@@ -85,10 +203,18 @@ def projection_simplex(v: Array) -> Array:
 
 
 def _pair_weight(uaa, ubb, uab):
-    """Weight on ``a`` minimising ||t a + (1 - t) b||^2 for t in [0, 1]."""
+    """Weight ``t`` on ``a`` minimising ``t^2 U_aa + (1 - t)^2 U_bb + 2 t (1 - t) U_ab`` over [0, 1], any symmetric U.
+
+    Convex along the segment (``U_aa + U_bb - 2 U_ab > 0``): the clipped
+    stationary point. Otherwise (linear, or concave for an indefinite U) the
+    better end point, ``U_aa`` and ``U_bb`` being the objective there; equal
+    end points of a constant objective give 1/2. Arguments broadcast together.
+    """
     denom = uaa + ubb - 2.0 * uab
-    safe = jnp.where(denom > 0, denom, 1.0)
-    return jnp.where(denom > 0, jnp.clip((ubb - uab) / safe, 0.0, 1.0), 0.5)
+    convex = denom > 0
+    interior = jnp.clip((ubb - uab) / jnp.where(convex, denom, 1.0), 0.0, 1.0)
+    vertex = jnp.where(ubb < uaa, 0.0, jnp.where((uaa < ubb) | (denom < 0), 1.0, 0.5))
+    return jnp.where(convex, interior, vertex).astype(jnp.result_type(uaa, ubb, uab))
 
 
 def _closed_form(u, init, maxiter, tol):
@@ -160,58 +286,80 @@ def _kkt_candidate(u, support):
     return jnp.linalg.solve(jnp.concatenate([top, bottom], axis=0), rhs)[:k]
 
 
+def _certificate(u, w):
+    """Lemma-1 gap of ``w``: ``w^T U w - min_k (U w)_k``, shape (), and ``U w``, shape (K,).
+
+    On the simplex the gap is non-negative and zero exactly at a minimiser
+    (``(U w)_k >= w^T U w`` for every k, with equality on the support); U being
+    convex, ``f(w) - min f <= 2 * gap``.
+    """
+    uw = u @ w
+    return w @ uw - jnp.min(uw), uw
+
+
 def _polish(u, w):
-    """Make an approximate minimiser exact: a short primal active-set search seeded by ``w``.
+    """Refine an approximate minimiser ``w`` (K,) of ``w^T U w`` by a short primal active-set search.
 
     Starting from the support of ``w``, each round solves the KKT system on the
-    current support; an infeasible solution (a negative weight, or a singular
-    system) drops one index, a feasible one that violates Lemma 1 adds the most
-    violating index. A candidate is accepted only if it is feasible and carries
-    the optimality certificate of Lemma 1 ((U w)_k >= w^T U w for all k, to
-    rounding); the QP is convex, so that certificate is exact. At most 2K + 2
-    rounds; without a certified candidate ``w`` is returned unchanged.
-    ``u`` is scaled to unit maximum diagonal.
+    current support; a solution with a negative weight (or a singular system)
+    drops the most negative index, a feasible one adds the index of least
+    ``(U w)_k``. Every round's solution, projected onto the simplex, is scored
+    by its Lemma-1 gap (:func:`_certificate`), and the best-scoring point seen
+    -- ``w`` itself included -- is returned, so the result never has a larger
+    gap than ``w``. Stops when the gap is at rounding level (about
+    ``(K + 1) eps`` of U's largest entry), when the support stops changing, or
+    after 2K + 2 rounds. ``u`` (K, K) is symmetric, scaled to a largest entry
+    in [1, 2).
     """
     k = u.shape[0]
-    eps = 64 * jnp.finfo(u.dtype).eps * k
+    tight = (k + 1) * jnp.finfo(u.dtype).eps
 
     def cond(carry):
-        it, _, _, done = carry
-        return (~done) & (it < 2 * k + 2)
+        it, _, _, gap, stalled = carry
+        return (~stalled) & (gap > tight) & (it < 2 * k + 2)
 
     def body(carry):
-        it, support, best, _ = carry
+        it, support, best, best_gap, _ = carry
         raw = _kkt_candidate(u, support)
         finite = jnp.all(jnp.isfinite(raw))
-        feasible = finite & jnp.all(raw >= -eps)
-        cand = projection_simplex(jnp.where(feasible, raw, best))
-        ucand = u @ cand
-        certified = feasible & (cand @ ucand - jnp.min(ucand) <= eps)
-        # Infeasible: drop the most negative weight (or, if the system was singular, the
-        # smallest weight of the seed) -- never the last index. Feasible: add the most
-        # violating index.
+        cand = projection_simplex(jnp.where(finite, raw, best))
+        gap, ucand = _certificate(u, cand)
+        better = finite & (gap < best_gap)
+        best = jnp.where(better, cand, best)
+        best_gap = jnp.where(better, gap, best_gap)
+        # Negative weight or singular system: drop the most negative weight (for a singular
+        # system, the smallest weight of the seed) -- never the last index. Otherwise add the
+        # index of least (U w)_k.
+        infeasible = ~finite | jnp.any(support & (raw < 0))
         score = jnp.where(support, jnp.where(finite, raw, w), jnp.inf)
         can_drop = jnp.sum(support) > 1
         dropped = support.at[jnp.argmin(score)].set(False)
         added = support.at[jnp.argmin(ucand)].set(True)
-        support = jnp.where(feasible, added, jnp.where(can_drop, dropped, support))
-        best = jnp.where(certified, cand, best)
-        return it + 1, support, best, certified
+        new_support = jnp.where(infeasible, jnp.where(can_drop, dropped, support), added)
+        stalled = jnp.all(new_support == support)
+        return it + 1, new_support, best, best_gap, stalled
 
     support = w > 1e-9
     support = jnp.where(jnp.any(support), support, jax.nn.one_hot(jnp.argmax(w), k) > 0)
-    _, _, best, _ = jax.lax.while_loop(cond, body, (0, support, w, jnp.asarray(False)))
+    gap0, _ = _certificate(u, w)
+    gap0 = jnp.where(jnp.isfinite(gap0), gap0, jnp.inf)
+    init = (0, support, w, gap0, jnp.asarray(False))
+    _, _, best, _, _ = jax.lax.while_loop(cond, body, init)
     return best
 
 
 def _enumerate(u, init, maxiter, tol):
-    """Exact minimiser by enumeration of the supports (K <= 12), ``u`` scaled to unit max diagonal.
+    """Exact minimiser by enumeration of the supports (K <= 12); ``u`` (K, K) symmetric.
 
-    Every support's KKT solution is computed in one batched solve; among the
-    feasible ones (non-negative to rounding) the one of least objective wins.
-    Singular systems (e.g. repeated directions) are simply infeasible: a smaller
-    support attains the same value. If nothing is feasible (only possible for
-    a numerically indefinite U) the vertex of least diagonal entry is returned.
+    Every support's KKT solution is computed in one batched solve; those
+    non-negative to rounding are feasible. Among the feasible ones whose
+    Lemma-1 gap (:func:`_certificate`) is at rounding level, (K + 1) eps, the
+    one of least objective wins (each is a minimiser to rounding: objective
+    excess at most twice the gap); if there is none, the one of least gap.
+    Singular systems (e.g. repeated directions) are simply infeasible: a
+    smaller support attains the same value. If nothing is feasible (only
+    possible for a numerically indefinite U) the vertex of least diagonal
+    entry is returned.
     """
     del init, maxiter, tol
     k = u.shape[0]
@@ -222,14 +370,21 @@ def _enumerate(u, init, maxiter, tol):
     codes = np.arange(1, 2**k)
     masks = jnp.asarray(((codes[:, None] >> np.arange(k)[None, :]) & 1).astype(bool))
     raw = jax.vmap(lambda m: _kkt_candidate(u, m))(masks)  # (2^K - 1, K)
-    eps = 64 * jnp.finfo(u.dtype).eps * k
-    feasible = jnp.all(jnp.isfinite(raw), axis=1) & jnp.all(raw >= -eps, axis=1)
+    eps = jnp.finfo(u.dtype).eps
+    feasible = jnp.all(jnp.isfinite(raw), axis=1) & jnp.all(raw >= -64 * eps * k, axis=1)
     cand = jnp.where(feasible[:, None], jnp.maximum(raw, 0.0), 1.0 / k)
     cand = cand / jnp.sum(cand, axis=1, keepdims=True)
-    value = jnp.where(feasible, jnp.einsum("sk,kl,sl->s", cand, u, cand), jnp.inf)
-    best = jnp.argmin(value)
+    ucand = cand @ u  # U symmetric: rows are (U w)^T
+    value = jnp.sum(cand * ucand, axis=1)
+    gap = jnp.where(feasible, value - jnp.min(ucand, axis=1), jnp.inf)
+    # Among the feasible candidates certified to rounding level, the least objective (it breaks
+    # the ties of a degenerate U the way a minimum-norm direction wants); without any, the least
+    # gap; without any feasible one (only for a numerically indefinite U), the smallest diagonal.
+    certified = gap <= (k + 1) * eps
+    score = jnp.where(jnp.any(certified), jnp.where(certified, value, jnp.inf), gap)
+    best = jnp.argmin(score)
     vertex = jax.nn.one_hot(jnp.argmin(jnp.diagonal(u)), k, dtype=u.dtype)
-    return jnp.where(jnp.isfinite(value[best]), cand[best], vertex)
+    return jnp.where(jnp.isfinite(score[best]), cand[best], vertex)
 
 
 _BACKENDS: dict[str, Callable] = {
@@ -258,27 +413,34 @@ def min_norm_weights(
 
     Args:
       gram: U, shape (K, K), symmetric positive semi-definite (small
-        asymmetries and negative eigenvalues from rounding are tolerated).
+        asymmetries and negative eigenvalues from rounding are tolerated), any
+        finite magnitude: it is rescaled by an exact power of two first.
       method: one of ``"projected_gradient"`` (default), ``"osqp"``,
         ``"frank_wolfe"``, ``"closed_form"`` (K <= 2), ``"enumerate"``
-        (exact, K <= 12), or a callable
-        ``(U, init, maxiter, tol) -> w`` taking the rescaled U.
+        (exact, K <= 12), ``"auto"`` (exact ``"closed_form"`` for K <= 2,
+        ``"enumerate"`` for K <= 6, ``"projected_gradient"`` above), or a
+        callable ``(U, init, maxiter, tol) -> w`` taking the rescaled,
+        symmetrised U (largest entry in [1, 2)).
       init: optional warm start on the simplex, shape (K,) (used by
         ``"projected_gradient"``; others ignore it). Defaults to uniform.
-      maxiter: iteration cap; a per-method default when ``None``.
-      tol: solver tolerance, relative to U's largest diagonal entry; default
-        ``max(10 * eps, 1e-10)`` of U's dtype (about 1e-6 in float32), the
-        finest accuracy the dtype supports.
+      maxiter: iteration cap, an int >= 0; a per-method default when ``None``.
+      tol: solver tolerance, a finite number >= 0 relative to U's largest
+        entry; default ``max(10 * eps, 1e-10)`` of U's dtype (about 1e-6 in
+        float32), the finest accuracy the dtype supports.
       polish: refine the backend's answer (default: for the iterative built-in
-        backends only, not ``"closed_form"`` or a callable) by a short exact
-        active-set search
-        seeded with the support it found, kept only when it provably solves
-        the QP (the Lemma-1 optimality certificate holds to rounding). Makes
-        the iterative backends exact on small K, where the backend has come
-        close.
+        backends only, not ``"closed_form"``, ``"enumerate"`` or a callable)
+        by a short active-set search seeded with the support it found, which
+        returns the point of smallest Lemma-1 gap it met (never a larger gap
+        than the backend's answer). Makes the iterative backends exact on
+        small K, where the backend has come close.
 
     Returns:
       Weights of shape (K,), non-negative, summing to one, in U's dtype.
+
+    Raises:
+      ValueError: for a gram that is not (K, K), an unknown method, an init
+        of the wrong shape, or a ``maxiter`` / ``tol`` / ``polish`` of the
+        wrong type or range.
 
     Example:
       >>> import jax.numpy as jnp
@@ -293,16 +455,19 @@ def min_norm_weights(
     if not jnp.issubdtype(gram.dtype, jnp.floating):
         gram = gram.astype(jnp.result_type(float))
     k = gram.shape[0]
+    options = _check_solver_options({"maxiter": maxiter, "tol": tol, "polish": polish}, where="min_norm_weights:")
+    if isinstance(method, str) and method == "auto":
+        method = _auto_method(k)
     if callable(method):
         solve, name = method, getattr(method, "__name__", "custom")
     else:
         if method not in _BACKENDS:
-            raise ValueError(f"min_norm_weights: method must be one of {SOLVERS} or a callable, got {method!r}.")
+            raise ValueError(
+                f"min_norm_weights: method must be 'auto', one of {SOLVERS} or a callable, got {method!r}."
+            )
         solve, name = _BACKENDS[method], method
-    if maxiter is None:
-        maxiter = _DEFAULT_MAXITER.get(name, 200)
-    if tol is None:
-        tol = max(10.0 * float(jnp.finfo(gram.dtype).eps), 1e-10)
+    maxiter = options.get("maxiter", _DEFAULT_MAXITER.get(name, 200))
+    tol = options.get("tol", max(10.0 * float(jnp.finfo(gram.dtype).eps), 1e-10))
     if init is None:
         init = jnp.full((k,), 1.0 / k, gram.dtype)
     else:
@@ -311,10 +476,11 @@ def min_norm_weights(
             raise ValueError(f"min_norm_weights: init must have shape ({k},) to match gram, got {init.shape}.")
 
     finite = jnp.all(jnp.isfinite(gram))
-    sym = 0.5 * (gram + gram.T)
-    scale = jnp.max(jnp.abs(jnp.diagonal(sym)))
-    scale = jnp.where(finite & (scale > 0), scale, 1.0)
-    scaled = jnp.where(finite, sym / scale, jnp.eye(k, dtype=gram.dtype))
+    safe = jnp.where(finite, gram, 0.0)
+    # Exact power-of-two rescaling BEFORE symmetrising: entries end in [-2, 2], so the sum
+    # below cannot overflow and no reciprocal of a huge scale is ever formed.
+    scaled = _scale_by_power_of_two(safe, jnp.max(jnp.abs(safe)))
+    scaled = jnp.where(finite, 0.5 * (scaled + scaled.T), jnp.eye(k, dtype=gram.dtype))
     if name not in ("closed_form", "enumerate"):  # the exact methods ignore the warm start
         init = projection_simplex(init)
     w = jnp.asarray(solve(scaled, init, maxiter, tol), gram.dtype)
@@ -322,8 +488,7 @@ def min_norm_weights(
     # warm start, so the guarantee below never rests on the backend behaving.
     sane = jnp.all(jnp.isfinite(w)) & (jnp.max(jnp.abs(w)) < 1e3)
     w = projection_simplex(jnp.where(sane, w, init))
-    if polish is None:
-        polish = name in _ITERATIVE
+    polish = options.get("polish", name in _ITERATIVE)
     if polish and k > 1:
         w = _polish(scaled, w)
     return jnp.where(finite, w, jnp.full((k,), 1.0 / k, gram.dtype))
