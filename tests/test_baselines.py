@@ -69,6 +69,37 @@ def test_mgda_k3_min_norm_optimality_per_particle():
         np.testing.assert_allclose(d[m], w[m] @ g[:, m], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("mode", ["jit", "eager"])
+@pytest.mark.parametrize("solver", ["auto", "frank_wolfe"])
+def test_mgda_and_moo_svgd_with_huge_and_tiny_gradients(dtype, mode, solver):
+    """Per-particle Grams of gradients near the top or bottom of the range (squares overflow or
+    flush to zero) still give the min-norm point: the gradients are rescaled by a power of two
+    per particle before the Gram is formed."""
+    info = np.finfo(dtype)
+    big, small = 2.0 ** (info.maxexp // 2 + 4), 2.0 ** (info.minexp // 2 - 4)  # 1e21 / 1e-21 in float32
+    # particle 0: opposite gradients -> direction 0; particle 1: orthogonal tiny ones -> midpoint;
+    # particle 2: [b, 0] and [b, b] -> w = [1, 0], direction [b, 0]
+    g = np.zeros((2, 3, 2))
+    g[0, 0], g[1, 0] = [7 * big, 0.0], [-7 * big, 0.0]
+    g[0, 1], g[1, 1] = [small, 0.0], [0.0, small]
+    g[0, 2], g[1, 2] = [big, 0.0], [big, big]
+    expected = np.array([[0.0, 0.0], [small / 2, small / 2], [big, 0.0]])
+    g = jnp.asarray(g, dtype)
+    x = jnp.zeros((3, 2), dtype)
+    for name, t in [("mgda", mj.mgda(2, solver=solver)), ("moo_svgd", mj.moo_svgd(2, solver=solver, repulsion=0.0))]:
+        if name == "moo_svgd":  # M = 1 (no kernel mixing): the direction is the min-norm point
+            g_, x_, e_ = g[:, :1], x[:1], expected[:1]
+        else:
+            g_, x_, e_ = g, x, expected
+        update = jax.jit(t.update) if mode == "jit" else t.update
+        d, _ = update(g_, t.init(x_), x_)
+        d = np.asarray(d, np.float64)
+        assert np.all(np.isfinite(d)), name
+        scale = np.abs(np.asarray(g_, np.float64)).max(axis=(0, 2))[:, None]
+        np.testing.assert_allclose(d / scale, e_ / scale, atol=16 * info.eps, err_msg=name)
+
+
 def test_mgda_descends_every_loss():
     """One small MGDA step on two convex quadratics decreases both at every particle (off the front)."""
     x = jax.random.normal(jax.random.key(3), (12, 2)) * 3

@@ -562,8 +562,13 @@ def test_custom_callable_solver():
 
 @pytest.mark.parametrize("options", [{"maxiter": 10}, {"tol": 1e-3}, {"maxiter": 50, "tol": 1e-9}, None, {}])
 def test_solver_options_accepted(options):
+    # every backend takes the options and still returns optimal weights (exact up to the
+    # iterative backends' tolerance: the closed form's for this K = 2 problem)
+    _, s_ref = _jit_update(OPT2_CF)(G12, OPT2_CF.init(X12), X12)
     for solver in mj.SOLVERS:
-        mj.mtsgd(2, solver=solver, solver_options=options)
+        opt = mj.mtsgd(2, solver=solver, solver_options=options)
+        _, s = opt.update(G12, opt.init(X12), X12)
+        np.testing.assert_allclose(np.asarray(s.weights), np.asarray(s_ref.weights), atol=1e-6, err_msg=solver)
 
 
 def test_solver_options_take_effect():

@@ -28,21 +28,23 @@ def _safe_norms(sq):
 
 
 def _resolve_solver(solver, num_targets):
-    """``"auto"``: exact ``closed_form`` for K <= 2, exact ``enumerate`` for K <= 6, projected gradient above."""
+    """``"auto"`` -> the backend :func:`mtsgd_jax.qp._auto_method` picks for K = ``num_targets``."""
     if isinstance(solver, str) and solver == "auto":
-        if num_targets <= 2:
-            return "closed_form"
-        return "enumerate" if num_targets <= 6 else "projected_gradient"
+        return _qp._auto_method(num_targets)
     return solver
 
 
 def _make_solver(solver, solver_options, num_targets=None):
+    """``(gram (K, K), init (K,) or None) -> weights (K,)``, with ``solver_options`` validated now.
+
+    Raises:
+      ValueError: for an unknown solver, or ``solver_options`` that is not a
+        dict of ``maxiter`` (int >= 0), ``tol`` (finite, >= 0) and ``polish``
+        (bool), naming the offending key and value.
+    """
     if num_targets is not None:
         solver = _resolve_solver(solver, num_targets)
-    options = dict(solver_options or {})
-    unknown = set(options) - {"maxiter", "tol", "polish"}
-    if unknown:
-        raise ValueError(f"solver_options accepts 'maxiter', 'tol' and 'polish', got unexpected {sorted(unknown)}.")
+    options = _qp._check_solver_options(solver_options, where="solver_options")
     if not callable(solver) and solver not in _qp.SOLVERS:
         raise ValueError(f"solver must be 'auto', one of {_qp.SOLVERS} or a callable, got {solver!r}.")
 
@@ -57,18 +59,25 @@ def _check_num_targets(name, num_targets):
         raise ValueError(f"{name}: num_targets must be a positive int (K), got {num_targets!r}.")
 
 
-def _per_particle_min_norm(grads, solve, init=None, normalize=False):
+def _per_particle_min_norm(grads, solve, init=None, normalize_grads=False):
     """MGDA on every particle at once: (K, M, d) gradients -> (M, K) weights and (M, d) directions.
 
     Solves ``min_{w in simplex} ||sum_k w_k g_km||^2`` for each particle m (the
-    M small QPs are vmapped, not looped). With ``normalize`` the gradients are
-    first scaled to unit norm, and the direction combines the scaled ones.
+    M small QPs are vmapped, not looped). Each particle's gradients are first
+    multiplied by the power of two that puts their largest entry in [1, 2)
+    (exact, and the weights are scale invariant), so its (K, K) Gram can
+    neither overflow nor flush to zero whatever the gradients' magnitude; the
+    direction combines the gradients as given. With ``normalize_grads`` the
+    gradients are scaled to unit norm first, and the direction combines the
+    scaled ones.
     """
-    if normalize:
-        sq = jnp.sum(grads * grads, axis=-1, keepdims=True)
+    amax = jnp.max(jnp.abs(grads), axis=(0, 2), keepdims=True)  # (1, M, 1)
+    scaled = _qp._scale_by_power_of_two(grads, amax)
+    if normalize_grads:
+        sq = jnp.sum(scaled * scaled, axis=-1, keepdims=True)
         tiny = jnp.finfo(grads.dtype).tiny
-        grads = grads / jnp.sqrt(jnp.maximum(sq, tiny))
-    gram = jnp.einsum("kmd,lmd->mkl", grads, grads)  # (M, K, K)
+        grads = scaled = scaled / jnp.sqrt(jnp.maximum(sq, tiny))
+    gram = jnp.einsum("kmd,lmd->mkl", scaled, scaled)  # (M, K, K)
     if init is None:
         weights = jax.vmap(lambda g: solve(g, None))(gram)
     else:

@@ -51,7 +51,8 @@ def mgda(
       solver: QP backend for :func:`~mtsgd_jax.qp.min_norm_weights`; ``"auto"``
         (default) is exact for K <= 6 (``"closed_form"`` / ``"enumerate"``),
         projected gradient above.
-      solver_options: ``{"maxiter", "tol", "polish"}`` passed to the backend.
+      solver_options: ``{"maxiter": int >= 0, "tol": float >= 0, "polish": bool}``
+        (any subset) passed to the backend; anything else raises ValueError.
       normalize_grads: scale each task gradient to unit norm first (the
         common MGDA-UB normalisation; the published MOO-SVGD code does this).
       warm_start: start each particle's QP at its previous weights.
