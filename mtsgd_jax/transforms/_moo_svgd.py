@@ -10,7 +10,7 @@ import optax
 
 from mtsgd_jax import kernels as _kernels
 from mtsgd_jax import stein as _stein
-from mtsgd_jax._validation import check_init_inputs, check_target_grads, check_update_inputs, num_particles
+from mtsgd_jax._validation import check_target_grads, num_particles
 from mtsgd_jax.particles import flatten_particles, flatten_target_grads, unflatten_particles
 from mtsgd_jax.transforms._common import _check_num_targets, _float_dtype, _make_solver, _per_particle_min_norm
 
@@ -28,11 +28,16 @@ class MOOSVGDState(NamedTuple):
         before the first); they warm-start the next QPs.
       bandwidth: () kernel bandwidth used at the last step (NaN before the first).
       count: () int32 number of updates performed.
+      nonfinite: () int32 number of particles left out of the kernel sums at
+        the last step because their position, a loss gradient, their MGDA
+        direction or (with ``features``) their feature row was not finite (0
+        at init). Their updates are NaN and their stored weights uniform.
     """
 
     weights: Array
     bandwidth: Array
     count: Array
+    nonfinite: Array
 
 
 def moo_svgd(
@@ -102,31 +107,32 @@ def moo_svgd(
         raise ValueError(f"moo_svgd: repulsion must be a non-negative number, got {repulsion!r}.")
     if features is not None and not callable(features):
         raise TypeError(f"moo_svgd: features must be callable or None, got {type(features).__name__}.")
-    kernel = kernel or _kernels.rbf()
+    kernel = _kernels.check_kernel(kernel, "moo_svgd")
     solve = _make_solver(solver, solver_options, num_targets)
     block_size = _kernels._check_block_size(block_size)
     alpha = float(repulsion)
 
     def init_fn(params):
-        check_init_inputs(params, "moo_svgd.init", repulsion=repulsion, normalize_grads=normalize_grads, warm_start=warm_start)
         m = num_particles(params, "params")
         dtype = _float_dtype(params)
         return MOOSVGDState(
             weights=jnp.full((m, num_targets), 1.0 / num_targets, dtype),
             bandwidth=jnp.full((), jnp.nan, dtype),
             count=jnp.zeros((), jnp.int32),
+            nonfinite=jnp.zeros((), jnp.int32),
         )
 
     def update_fn(grads, state, params=None, **extra_args):
-        check_update_inputs(grads, state, params, MOOSVGDState, "moo_svgd.update")
         check_target_grads(grads, params, num_targets)
         x, spec = flatten_particles(params, dtype=_float_dtype(params))
         m = x.shape[0]
         g = flatten_target_grads(grads, dtype=x.dtype)
         init = state.weights.astype(x.dtype) if warm_start else None
         weights, g_star = _per_particle_min_norm(g, solve, init, normalize_grads)
+        # A particle with a non-finite position, gradient or MGDA direction drops out of the kernel sums.
+        valid = _kernels._finite_rows(x, g, g_star)
         if features is None:
-            prods = _kernels.kernel_products(kernel, x, g_star, block_size=block_size, axis_name=axis_name)
+            prods = _kernels.kernel_products(kernel, x, g_star, block_size=block_size, axis_name=axis_name, valid=valid)
             rep = prods.repulsion
         else:
             feats, pullback = jax.vjp(lambda p: features(p, **extra_args), params)
@@ -135,17 +141,26 @@ def moo_svgd(
                     f"moo_svgd: features(params) must return an (M, p) array with M={m}, "
                     f"got shape {getattr(feats, 'shape', type(feats))}."
                 )
+            valid = valid & _kernels._finite_rows(feats)
             prods = _kernels.kernel_products(
-                kernel, jax.lax.stop_gradient(feats), g_star, block_size=block_size, axis_name=axis_name
+                kernel, jax.lax.stop_gradient(feats), g_star, block_size=block_size, axis_name=axis_name, valid=valid
             )
             (rep_tree,) = pullback(prods.repulsion.astype(feats.dtype))
             rep, _ = flatten_particles(rep_tree, dtype=x.dtype)
+            rep = jnp.where(valid[:, None], rep, jnp.zeros((), rep.dtype))
+        bad = jnp.sum(~valid, dtype=jnp.int32)
+        if axis_name is not None:
+            bad = jax.lax.psum(bad, axis_name)
         m_all = m if axis_name is None else m * _stein._axis_size(axis_name)
-        direction = (prods.kv - alpha * rep) / m_all
+        n = jnp.maximum(m_all - bad, 1).astype(x.dtype)
+        direction = (prods.kv - alpha * rep) / n
+        direction = jnp.where(valid[:, None], direction, jnp.asarray(jnp.nan, direction.dtype))
+        weights = jnp.where(valid[:, None], weights, jnp.asarray(1.0 / num_targets, weights.dtype))
         new_state = MOOSVGDState(
             weights=weights.astype(state.weights.dtype),
             bandwidth=prods.bandwidth.astype(state.bandwidth.dtype),
             count=optax.safe_int32_increment(state.count),
+            nonfinite=bad,
         )
         return unflatten_particles(direction, spec), new_state
 
