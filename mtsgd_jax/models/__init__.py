@@ -8,10 +8,14 @@
 Classification models return batch-first logits (N, T, C), matching labels
 (N, T), and expose their shared features with ``method="features"`` or
 ``return_features=True``. M networks form a particle set through
-:func:`init_ensemble` / :func:`apply_ensemble`.
+:func:`init_ensemble` / :func:`apply_ensemble`; :func:`ensemble_forward` gives
+the fast all-particles forward pass of the models above (one batched GEMM per
+layer, see :mod:`mtsgd_jax.models.fast`), :func:`register_ensemble_forward`
+adds one for another module class.
 """
 
 from mtsgd_jax.models.ensemble import EnsembleVariables, apply_ensemble, init_ensemble, param_count
+from mtsgd_jax.models.fast import ensemble_conv2d, ensemble_forward, max_pool_2x2, register_ensemble_forward
 from mtsgd_jax.models.heads import MultiHeadDense
 from mtsgd_jax.models.lenet import LeNetEncoder, MultiHeadLeNet
 from mtsgd_jax.models.mlp import SarcosMLP
@@ -28,6 +32,10 @@ __all__ = [
     "STEMS",
     "SarcosMLP",
     "apply_ensemble",
+    "ensemble_conv2d",
+    "ensemble_forward",
     "init_ensemble",
+    "max_pool_2x2",
     "param_count",
+    "register_ensemble_forward",
 ]
