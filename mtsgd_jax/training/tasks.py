@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from mtsgd_jax import data as _data
-from mtsgd_jax.models import MultiHeadLeNet, MultiHeadResNet18, SarcosMLP
+from mtsgd_jax.models import MultiHeadLeNet, MultiHeadResNet18, SarcosMLP, ensemble_forward
 
 __all__ = [
     "KINDS",
@@ -154,6 +154,20 @@ class Task:
             out, updated = self.model.apply(variables, x, train=True, mutable=["batch_stats"])
             return out, {**state, **updated}
         return self.model.apply(variables, x, train=False), state
+
+    def ensemble_forward(self, params, state: dict, x, *, train: bool, fast: bool = True):
+        """Outputs of ALL P networks (leaves of ``params`` and ``state`` (P, ...)) on the shared batch ``x``.
+
+        Returns ``(outputs (P, N, ...), new_state)``, what :meth:`forward` vmapped
+        over the networks returns. With ``fast`` and a model registered in
+        :func:`mtsgd_jax.models.ensemble_forward` (and no batch norm), the
+        networks run as one batched computation (same values up to
+        floating-point reassociation); otherwise :meth:`forward` is vmapped.
+        """
+        fn = ensemble_forward(self.model) if (fast and not self.batch_norm) else None
+        if fn is not None:
+            return fn(params, x), state
+        return jax.vmap(lambda p, s: self.forward(p, s, x, train=train))(params, state)
 
     def per_task_losses(self, outputs, targets) -> jax.Array:
         """(K,) mean loss of each task on a batch: softmax cross-entropy or squared error."""

@@ -3,10 +3,12 @@
 :class:`Trainer` ties a :class:`~mtsgd_jax.training.Task`, a
 :class:`~mtsgd_jax.training.Method` and an optimiser together:
 
-* **the step** (:meth:`Trainer.step`, ONE ``jax.jit``-compiled function): every
-  network's forward pass on the batch (particles vmapped), its K per-task
-  losses and their gradients (K VJPs of one forward pass; one VJP of the
-  scalarised loss for linear scalarisation / single-task), the method's
+* **the step** (:meth:`Trainer.step`, ONE ``jax.jit``-compiled function): the
+  forward pass of every network on the batch (all networks in one batched
+  computation, :meth:`Task.ensemble_forward`), the K per-task losses and their
+  gradients (the pass's VJP applied to K cotangents at once; one cotangent of
+  the scalarisation weights for linear scalarisation / single-task; the
+  function-space kernel's features and their pullback from the same pass), the method's
   transformation (which also receives ``losses=`` (K, P), ``inputs=`` and
   ``model_state=`` as extra arguments), the optimiser, the parameter update,
   and the new batch-norm statistics (ResNet);
@@ -136,27 +138,48 @@ def _jsonable(value):
     return json.loads(json.dumps(value))
 
 
-def function_features(task: Task, num_examples: int | None = None) -> Callable:
+def _precomputed(params, feats, pullback):
+    """``feats`` as a function of ``params`` whose VJP is ``pullback``: the trainer's forward pass
+    already computed the features and their pullback, so the kernel step reuses both."""
+
+    @jax.custom_vjp
+    def f(p):
+        return feats
+
+    def fwd(p):
+        return feats, None
+
+    def bwd(_, ct):
+        return (pullback(ct),)
+
+    f.defvjp(fwd, bwd)
+    return f(params)
+
+
+def function_features(task: Task, num_examples: int | None = None, *, fast: bool = True) -> Callable:
     """Feature map of the function-space kernel: each network's outputs on the current batch.
 
-    Returns ``features(params, *, inputs, model_state=None, **_) -> (P, p)``:
+    Returns ``features(params, *, inputs, model_state=None, feature_cache=None, **_) -> (P, p)``:
     row p is network p's log-probabilities (classification) or predictions
     (regression) on ``inputs`` (the batch, passed by the trainer as an extra
     argument), flattened; with ``num_examples`` only the batch's first
     ``num_examples`` inputs are used (cheaper). Batch-norm networks run in
-    training mode (batch statistics), like the loss.
+    training mode (batch statistics), like the loss. ``feature_cache``, passed
+    by :class:`Trainer` (full batch only), is ``(features (P, p), pullback)``
+    from the step's own forward pass: the features are then not computed again
+    and their VJP reuses that pass. ``fast``: use the task's fast ensemble
+    forward pass when it has one (:meth:`Task.ensemble_forward`).
     """
 
-    def features(params, *, inputs=None, model_state=None, **_):
+    def features(params, *, inputs=None, model_state=None, feature_cache=None, **_):
+        if feature_cache is not None and num_examples is None:
+            feats, pullback = feature_cache
+            return _precomputed(params, feats, pullback)
         if inputs is None:
             raise ValueError("function-space kernel: the update needs the batch, extra argument inputs=x.")
         x = inputs if num_examples is None else inputs[:num_examples]
-
-        def one(p, s):
-            out, _ = task.forward(p, s, x, train=True)
-            return task.function_outputs(out)
-
-        return jax.vmap(one)(params, model_state or {})
+        out, _ = task.ensemble_forward(params, model_state or {}, x, train=True, fast=fast)
+        return jax.vmap(task.function_outputs)(out)
 
     return features
 
@@ -168,10 +191,14 @@ def build_method(
     *,
     kernel_space: str = "parameter",
     feature_examples: int | None = None,
+    fast: bool = True,
     **options,
 ) -> Method:
-    """:func:`~mtsgd_jax.training.make_method` for ``task``, with the function-space features built in."""
-    feats = function_features(task, feature_examples) if kernel_space == "function" else None
+    """:func:`~mtsgd_jax.training.make_method` for ``task``, with the function-space features built in.
+
+    ``fast`` (default True): the features use the task's fast ensemble forward pass.
+    """
+    feats = function_features(task, feature_examples, fast=fast) if kernel_space == "function" else None
     return make_method(name, task.num_tasks, num_particles, kernel_space=kernel_space, features=feats, **options)
 
 
@@ -200,6 +227,10 @@ class Trainer:
         ``optimizer`` that the trainer cannot see (e.g. ``{"optimizer": "adam",
         "lr": 1e-3, "weighting": "stein"}``; :func:`train` fills it). Part of
         :meth:`config`: recorded in checkpoints and compared on resume.
+      fast: run the P networks through the task's fast ensemble forward pass
+        when its model has one (:func:`mtsgd_jax.models.ensemble_forward`);
+        ``False`` always vmaps the flax module (same results up to
+        floating-point reassociation).
     """
 
     def __init__(
@@ -212,6 +243,7 @@ class Trainer:
         eval_batch_size: int | None = None,
         key_impl: str | None = None,
         settings: dict | None = None,
+        fast: bool = True,
     ):
         if method.num_tasks != task.num_tasks:
             raise ValueError(f"method has K={method.num_tasks} tasks but task {task.name!r} has K={task.num_tasks}.")
@@ -231,6 +263,7 @@ class Trainer:
             )
         self.eval_batch_size = int(eval_batch_size or max(self.batch_size, 256))
         self.key_impl = key_impl
+        self.fast = bool(fast)
         try:
             self.settings = _jsonable(dict(settings or {}))
         except (TypeError, ValueError) as e:
@@ -252,33 +285,50 @@ class Trainer:
     # ------------------------------------------------------------------ the step
 
     def _losses_and_grads(self, params, model_state, x, y):
+        """Per-task losses (K, P), their gradients and the new model state, from ONE forward pass.
+
+        All P networks run in one forward pass (the task's fast ensemble pass when
+        it has one, else the flax module vmapped over networks); its VJP is applied
+        to K cotangents at once (vmapped), giving leaves (K, P, ...), or to the
+        (P, K) scalarisation weights, giving leaves (P, ...). With the
+        function-space kernel the network outputs it needs are a second output of
+        the same pass; the fourth result is then ``(features (P, p), pullback)``
+        (else None).
+        """
         task, k = self.task, self.task.num_tasks
         scal = self.method.scalarization
+        want_features = self.method.kernel_space == "function"
 
-        def one(p, s, w):
-            def f(q):
-                out, new_s = task.forward(q, s, x, train=True)
-                return task.per_task_losses(out, y), new_s
+        def f(q):
+            out, new_s = task.ensemble_forward(q, model_state, x, train=True, fast=self.fast)
+            values = jax.vmap(lambda o: task.per_task_losses(o, y))(out)  # (P, K)
+            if want_features:
+                return (values, jax.vmap(task.function_outputs)(out)), new_s
+            return values, new_s
 
-            values, vjp, new_s = jax.vjp(f, p, has_aux=True)
-            if w is None:
-                grads = jax.vmap(vjp)(jnp.eye(k, dtype=values.dtype))[0]  # leaves (K, ...)
-            else:
-                grads = vjp(w.astype(values.dtype))[0]  # leaves like p
-            return values, grads, new_s
+        primal, vjp, new_state = jax.vjp(f, params, has_aux=True)
+        values, feats = primal if want_features else (primal, None)
+        p = values.shape[0]
+
+        def cotangent(ct):
+            return (ct, jnp.zeros_like(feats)) if want_features else ct
 
         if scal is None:
-            values, grads, new_state = jax.vmap(lambda p, s: one(p, s, None))(params, model_state)
-            grads = jax.tree_util.tree_map(lambda g: jnp.swapaxes(g, 0, 1), grads)  # (K, P, ...)
+            cts = jnp.broadcast_to(jnp.eye(k, dtype=values.dtype)[:, None, :], (k, p, k))
+            grads = jax.vmap(lambda c: vjp(cotangent(c))[0])(cts)  # leaves (K, P, ...)
         else:
-            values, grads, new_state = jax.vmap(one)(params, model_state, jnp.asarray(scal, jnp.float32))
-        return values.T, grads, new_state
+            grads = vjp(cotangent(jnp.asarray(scal, values.dtype)))[0]  # leaves (P, ...)
+        cache = None
+        if want_features:
+            cache = (feats, lambda c: vjp((jnp.zeros_like(values), c))[0])
+        return values.T, grads, new_state, cache
 
     def _step(self, state: TrainState, x, y):
         """One training step: ``(state, x, y) -> (new_state, per-task losses (K, P) before the step)``."""
-        values, grads, new_model_state = self._losses_and_grads(state.params, state.model_state, x, y)
+        values, grads, new_model_state, cache = self._losses_and_grads(state.params, state.model_state, x, y)
+        extra = {} if cache is None else {"feature_cache": cache}
         updates, opt_state = self.tx.update(
-            grads, state.opt_state, state.params, losses=values, inputs=x, model_state=state.model_state
+            grads, state.opt_state, state.params, losses=values, inputs=x, model_state=state.model_state, **extra
         )
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, new_model_state, opt_state), values
@@ -321,11 +371,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def _predict_fn(self, params, model_state, x):
-        def one(p, s):
-            out, _ = self.task.forward(p, s, x, train=False)
-            return self.task.predict(out)
-
-        return jax.vmap(one)(params, model_state)
+        out, _ = self.task.ensemble_forward(params, model_state, x, train=False, fast=self.fast)
+        return jax.vmap(self.task.predict)(out)
 
     def predict(self, state: TrainState, data=None) -> dict:
         """Every network's outputs on ``data`` (default the task's evaluation set), in order.
