@@ -1,0 +1,343 @@
+"""The fast ensemble paths and the trainer's one-pass per-task gradients.
+
+* ``ensemble_forward`` (patch-GEMM convolutions, reshape+max pooling, einsum
+  dense layers) equals the vmapped flax module: outputs and every per-task
+  gradient, float32 and float64;
+* the building blocks equal their lax / flax counterparts (property tests);
+* one trainer step of every method gives the same parameters on the fast path
+  as on the vmapped-flax path (``Trainer(fast=False)``);
+* the function-space kernel reusing the step's forward pass equals recomputing
+  the features;
+* a user's own flax model (no fast path) trains through the public trainer.
+
+Tolerances: the two paths sum the same products in different orders, so they
+differ by round-off of the dtype: ``C * eps * scale`` where ``scale`` is the
+largest magnitude of the quantity compared and ``C`` covers the depth of the
+network's sums (contractions of up to 720 terms, errors growing like their
+square root, over five layers and their backward passes).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mtsgd_jax.models import (
+    MultiHeadLeNet,
+    MultiHeadResNet18,
+    SarcosMLP,
+    apply_ensemble,
+    ensemble_conv2d,
+    ensemble_forward,
+    init_ensemble,
+    max_pool_2x2,
+    register_ensemble_forward,
+)
+from mtsgd_jax.training import ArrayDataset, Task, TaskDefaults, Trainer, build_method, make_task
+
+DTYPES = [jnp.float32, jnp.float64]
+C_ROUNDOFF = 512
+
+
+def _tol(dtype, ref):
+    scale = max(float(np.max(np.abs(np.asarray(ref)))), 1.0)
+    return C_ROUNDOFF * float(jnp.finfo(dtype).eps) * scale
+
+
+def _cast(tree, dtype):
+    return jax.tree_util.tree_map(lambda a: a.astype(dtype), tree)
+
+
+def _per_task_losses(out, y, kind):
+    if kind == "classification":
+        return optax.softmax_cross_entropy_with_integer_labels(out, y).mean(0)
+    return ((out - y) ** 2).mean(0)
+
+
+def _per_task_grads(fwd, params, x, y, kind):
+    """Outputs and the K per-task gradients, one jax.grad per task (summed over the independent particles)."""
+
+    @jax.jit
+    def run(params, x, y):
+        grads = [jax.grad(lambda p, t=t: jnp.sum(jax.vmap(lambda o: _per_task_losses(o, y, kind)[t])(fwd(p, x))))(params)
+                 for t in range(y.shape[1])]
+        return fwd(params, x), grads
+
+    return run(params, x, y)
+
+
+def _lenet_inputs(dtype, n=6, background=False):
+    x = jax.random.normal(jax.random.key(1), (n, 36, 36, 1), dtype)
+    if background:  # a constant zero background: exact ties inside pooling windows
+        x = x.at[:, :, 18:].set(0).at[:, 20:].set(0)
+    y = jax.random.randint(jax.random.key(2), (n, 2), 0, 10)
+    return x, y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("background", [False, True])
+def test_lenet_fast_forward_and_per_task_grads_equal_flax(dtype, background):
+    model = MultiHeadLeNet()
+    x, y = _lenet_inputs(dtype, background=background)
+    params = _cast(init_ensemble(model, jax.random.key(0), 3, x[:1]).params, dtype)
+    fast = ensemble_forward(model)
+    assert fast is not None
+    out_ref, g_ref = _per_task_grads(lambda p, xx: apply_ensemble(model, p, xx), params, x, y, "classification")
+    out, g = _per_task_grads(fast, params, x, y, "classification")
+    assert out.shape == (3, 6, 2, 10) and out.dtype == dtype
+    np.testing.assert_allclose(out, out_ref, rtol=0, atol=_tol(dtype, out_ref))
+    for gt, gt_ref in zip(g, g_ref):
+        for a, b in zip(jax.tree_util.tree_leaves(gt), jax.tree_util.tree_leaves(gt_ref)):
+            assert a.dtype == dtype
+            np.testing.assert_allclose(a, b, rtol=0, atol=_tol(dtype, b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mlp_fast_forward_and_per_task_grads_equal_flax(dtype):
+    model = SarcosMLP()
+    x = jax.random.normal(jax.random.key(1), (9, 21), dtype)
+    y = jax.random.normal(jax.random.key(2), (9, 7), dtype)
+    params = _cast(init_ensemble(model, jax.random.key(0), 4, x[:1]).params, dtype)
+    out_ref, g_ref = _per_task_grads(lambda p, xx: apply_ensemble(model, p, xx), params, x, y, "regression")
+    out, g = _per_task_grads(ensemble_forward(model), params, x, y, "regression")
+    np.testing.assert_allclose(out, out_ref, rtol=0, atol=_tol(dtype, out_ref))
+    for gt, gt_ref in zip(g, g_ref):
+        for a, b in zip(jax.tree_util.tree_leaves(gt), jax.tree_util.tree_leaves(gt_ref)):
+            np.testing.assert_allclose(a, b, rtol=0, atol=_tol(dtype, b))
+
+
+_pool_pair = jax.jit(lambda x: (nn.max_pool(x, (2, 2), strides=(2, 2)), max_pool_2x2(x)))
+
+
+@given(
+    shape=st.sampled_from([(1, 2, 2, 1), (2, 5, 4, 3), (3, 7, 9, 2), (2, 8, 8, 1)]),
+    f64=st.booleans(), seed=st.integers(0, 2**16), ties=st.booleans(),
+)
+def test_max_pool_2x2_equals_flax_max_pool(shape, f64, seed, ties):
+    dtype = jnp.float64 if f64 else jnp.float32
+    x = jax.random.normal(jax.random.key(seed), shape, dtype)
+    if ties:  # few distinct values: many tied maxima
+        x = jnp.round(x)
+    n, h, w, c = shape
+    ref, out = _pool_pair(x)
+    assert out.shape == ref.shape == (n, h // 2, w // 2, c)
+    np.testing.assert_array_equal(out, ref)  # a max is exact
+
+
+def _conv_pair(x, kern, bias, shared):
+    def one(xi, ki, bi):
+        return jax.lax.conv_general_dilated(xi, ki, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")) + bi
+
+    ref = jax.vmap(one, in_axes=(None if shared else 0, 0, 0))(x, kern, bias)
+    return ref, ensemble_conv2d(x, kern, bias, shared_input=shared)
+
+
+_conv_pair_jit = jax.jit(_conv_pair, static_argnums=3)
+
+
+@given(
+    dims=st.sampled_from([(1, 1, 1, 1, 1), (2, 3, 2, 3, 2), (3, 4, 4, 2, 3)]),
+    shared=st.booleans(), f64=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_ensemble_conv2d_equals_lax_conv(dims, shared, f64, seed):
+    m, kh, kw, c, o = dims
+    dtype = jnp.float64 if f64 else jnp.float32
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    shape = (2, 7, 6, c) if shared else (m, 2, 7, 6, c)
+    x = jax.random.normal(k1, shape, dtype)
+    kern = jax.random.normal(k2, (m, kh, kw, c, o), dtype)
+    bias = jax.random.normal(k3, (m, o), dtype)
+
+    ref, out = _conv_pair_jit(x, kern, bias, shared)
+    assert out.shape == ref.shape == (m, 2, 8 - kh, 7 - kw, o)
+    # each entry is a sum of kh*kw*c <= 48 products of unit normals
+    scale = float(jnp.sum(jnp.abs(kern))) + 1.0
+    np.testing.assert_allclose(out, ref, rtol=0, atol=16 * float(jnp.finfo(dtype).eps) * scale * 8)
+
+
+def test_ensemble_conv2d_rejects_wrong_input_shape():
+    with pytest.raises(ValueError, match=r"ensemble_conv2d: x must have shape \(M, N, H, W, C\) with C = 2"):
+        ensemble_conv2d(jnp.zeros((4, 5, 5, 2)), jnp.zeros((3, 2, 2, 2, 1)), shared_input=False)
+
+
+def test_no_fast_path_for_unregistered_and_batch_norm_models():
+    assert ensemble_forward(nn.Dense(3)) is None
+    assert ensemble_forward(MultiHeadResNet18()) is None
+
+    class Sub(MultiHeadLeNet):  # exact class match: a subclass may change the architecture
+        pass
+
+    assert ensemble_forward(Sub()) is None
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+METHODS = [
+    ("mtsgd", "parameter"),
+    ("mtsgd", "function"),
+    ("moo_svgd", "parameter"),
+    ("moo_svgd", "function"),
+    ("mgda", "parameter"),
+    ("linear_scalarization", "parameter"),
+    ("pareto_mtl", "parameter"),
+    ("single_task", "parameter"),
+]
+
+
+@pytest.fixture(scope="module")
+def digits_task():
+    return make_task("multi-digits", num_train=32, num_eval=16)
+
+
+def _two_steps(task, method, dtype, fast):
+    tr = Trainer(task, method, optax.sgd(0.05), batch_size=16, fast=fast)
+    st0 = tr.init(0)
+    params = _cast(st0.params, dtype)
+    state = st0._replace(params=params, opt_state=tr.tx.init(params))
+    losses = []
+    for x, y in task.train_data.batches(16, seed=0, epoch=0, drop_last=True):
+        state, values = tr.step(state, jnp.asarray(x, dtype), y)
+        losses.append(values)
+    return state.params, losses
+
+
+@pytest.mark.parametrize(
+    "name,space,dtype",
+    [(n, s, jnp.float64) for n, s in METHODS] + [("mtsgd", "parameter", jnp.float32), ("mtsgd", "function", jnp.float32),
+                                              ("linear_scalarization", "parameter", jnp.float32)],
+)
+def test_trainer_step_fast_equals_vmapped_flax(digits_task, name, space, dtype):
+    method = build_method(digits_task, name, 2, kernel_space=space)
+    p_fast, l_fast = _two_steps(digits_task, method, dtype, True)
+    p_ref, l_ref = _two_steps(digits_task, method, dtype, False)
+    for a, b in zip(l_fast, l_ref):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, rtol=0, atol=_tol(dtype, b))
+    for a, b in zip(jax.tree_util.tree_leaves(p_fast), jax.tree_util.tree_leaves(p_ref)):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, rtol=0, atol=_tol(dtype, b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["mtsgd", "moo_svgd"])
+def test_function_kernel_reusing_the_forward_pass_equals_recomputing(digits_task, name, dtype):
+    method = build_method(digits_task, name, 3, kernel_space="function")
+    tr = Trainer(digits_task, method, optax.sgd(0.1), batch_size=16)
+    st0 = tr.init(1)
+    params = _cast(st0.params, dtype)
+    x, y = next(digits_task.train_data.batches(16, seed=0, epoch=0))
+    x = jnp.asarray(x, dtype)
+    opt = method.transform.init(params)
+
+    @jax.jit
+    def both(params, x, y):
+        values, grads, _, cache = tr._losses_and_grads(params, {}, x, y)
+        assert cache is not None and cache[0].shape[0] == 3
+        reused, _ = method.transform.update(grads, opt, params, losses=values, inputs=x, model_state={}, feature_cache=cache)
+        recomputed, _ = method.transform.update(grads, opt, params, losses=values, inputs=x, model_state={})
+        return reused, recomputed
+
+    reused, recomputed = both(params, x, y)
+    for a, b in zip(jax.tree_util.tree_leaves(reused), jax.tree_util.tree_leaves(recomputed)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=_tol(dtype, b))
+
+
+def test_per_task_gradients_equal_separate_grads(digits_task):
+    """The vmapped VJP over K cotangents gives each task's own gradient (float64)."""
+    method = build_method(digits_task, "mgda", 2)
+    tr = Trainer(digits_task, method, optax.sgd(0.1), batch_size=16)
+    params = _cast(tr.init(0).params, jnp.float64)
+    x, y = next(digits_task.train_data.batches(16, seed=0, epoch=0))
+    x = jnp.asarray(x, jnp.float64)
+    values, grads, _, cache = jax.jit(tr._losses_and_grads)(params, {}, x, y)
+    assert cache is None and values.shape == (2, 2)
+    model = digits_task.model
+    grad_k = jax.jit(lambda q, k: jax.grad(lambda q: digits_task.per_task_losses(model.apply({"params": q}, x), y)[k])(q),
+                     static_argnums=1)
+    for p in range(2):
+        one = jax.tree_util.tree_map(lambda a: a[p], params)
+        for k in range(2):
+            ref = grad_k(one, k)
+            got = jax.tree_util.tree_map(lambda g: g[k, p], grads)
+            for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+                np.testing.assert_allclose(a, b, rtol=0, atol=_tol(jnp.float64, b))
+
+
+class _UserNet(nn.Module):
+    """A user's own two-task model: a conv, average pooling and two scalar outputs."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Conv(4, (3, 3))(x))
+        h = nn.avg_pool(h, (2, 2), strides=(2, 2)).reshape((x.shape[0], -1))
+        return nn.Dense(2)(h)
+
+
+def _user_task(n=48):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 6, 6, 1)).astype(np.float32)
+    y = np.stack([x.mean(axis=(1, 2, 3)), x[:, :3].mean(axis=(1, 2, 3))], axis=1).astype(np.float32)
+    return Task(
+        name="user", model=_UserNet(), kind="regression", task_names=("mean", "top"), num_classes=None,
+        train_data=ArrayDataset(x, y), eval_data=ArrayDataset(x[:16], y[:16]),
+        sample_input=np.zeros((1, 6, 6, 1), np.float32), defaults=TaskDefaults("adam", 1e-2, 16, 1),
+    )
+
+
+@pytest.mark.parametrize("name,space", [("mtsgd", "parameter"), ("mtsgd", "function"), ("linear_scalarization", "parameter")])
+def test_user_flax_model_trains_through_the_trainer(name, space):
+    task = _user_task()
+    assert ensemble_forward(task.model) is None
+    trainer = Trainer(task, build_method(task, name, 3, kernel_space=space), optax.adam(1e-2), batch_size=16)
+    state = trainer.init(0)
+    start = state.params
+    before = trainer.evaluate(state)["mean_particle_mse"]
+    for epoch in range(4):
+        state, train_loss, _, steps = trainer.train_epoch(state, seed=0, epoch=epoch)
+        assert steps == 3 and np.all(np.isfinite(train_loss))
+    after = trainer.evaluate(state)["mean_particle_mse"]
+    moved = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(start))]
+    assert np.isfinite(after) and min(moved) > 0
+    if space == "parameter":  # the function-space repulsion may trade some fit for spread in 4 epochs
+        assert after < before
+
+
+def test_registered_user_fast_path_is_used_by_the_trainer():
+    class Affine(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2)(x)
+
+    calls = []
+
+    def builder(module):
+        def forward(params, x):
+            calls.append(x.shape)
+            return jnp.einsum("nd,mdo->mno", x, params["Dense_0"]["kernel"]) + params["Dense_0"]["bias"][:, None]
+
+        return forward
+
+    register_ensemble_forward(Affine, builder)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(32, 3)).astype(np.float32)
+    y = (x[:, :2] * 2).astype(np.float32)
+    task = Task(
+        name="affine", model=Affine(), kind="regression", task_names=("a", "b"), num_classes=None,
+        train_data=ArrayDataset(x, y), eval_data=ArrayDataset(x, y), sample_input=np.zeros((1, 3), np.float32),
+    )
+    method = build_method(task, "mgda", 2)
+    fast = Trainer(task, method, optax.sgd(0.1), batch_size=16)
+    plain = Trainer(task, method, optax.sgd(0.1), batch_size=16, fast=False)
+    s0 = fast.init(0)
+    s_fast, v_fast = fast.step(s0, x[:16], y[:16])
+    s_plain, v_plain = plain.step(s0, x[:16], y[:16])
+    assert calls  # traced through the registered forward pass
+    for a, b in zip(jax.tree_util.tree_leaves(s_fast.params), jax.tree_util.tree_leaves(s_plain.params)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=_tol(jnp.float32, b))
+    with pytest.raises(TypeError, match="builder must be callable"):
+        register_ensemble_forward(Affine, None)
