@@ -27,7 +27,7 @@ the pairwise squared distances is used instead, and when every particle
 coincides (or M = 1) the bandwidth falls back to 1, so coincident particles
 never produce a zero or non-finite bandwidth.
 
-Numerics: distances are taken between points centred on their mean, from the
+Numerics: distances are taken between points centred on one of them, from the
 coordinate differences themselves when d <= 4 (the Gram form
 ``|x|^2 + |y|^2 - 2 x.y`` of the centred points above), and the SVGD repulsion
 ``2 sum_a kappa'_am (x_a - x_m)`` is summed without splitting off the self
@@ -227,17 +227,22 @@ def _finite_rows(*arrays: Array) -> Array:
 
 
 def _centre(z: Array, ok: Array) -> Array:
-    """Mean of the rows of ``z`` (M, p) marked ``ok`` (M,), (p,); zeros when none is."""
-    count = jnp.maximum(jnp.sum(ok), 1).astype(z.dtype)
-    return jnp.sum(jnp.where(ok[:, None], z, 0), axis=0) / count
+    """A reference point for centring ``z`` (M, p): its first row marked ``ok`` (M,), (p,); zeros when none is.
+
+    A particle of the set rather than the mean: no arithmetic, so every use of it
+    (in whichever fused kernel the compiler puts it) sees the same value, and
+    equal points keep exactly equal centred coordinates. Within a cluster
+    ``x_a - c`` is exact (Sterbenz) and at most the cluster's diameter.
+    """
+    first = jnp.argmax(ok)
+    return jnp.where(jnp.any(ok), z[first], jnp.zeros((), z.dtype))
 
 
 def _prepare(z: Array, valid: Array | None = None) -> tuple[Array, Array]:
     """Centred points with excluded rows set to zero, and the row mask (M,).
 
     A row is excluded when it is not finite or ``valid`` is False there.
-    Centring makes the distances independent of where the cluster sits:
-    ``x_a - c`` is exact (Sterbenz) for points near the centre ``c``.
+    Centring makes the distances independent of where the cluster sits.
     """
     ok = _finite_rows(z)
     if valid is not None:
@@ -268,7 +273,7 @@ def _centred_sq_dists(a: Array, b: Array) -> Array:
 def pairwise_sq_dists(x: Array, y: Array | None = None) -> Array:
     """Squared Euclidean distances between rows: ``x`` (M, d), ``y`` (N, d) -> (M, N).
 
-    The points are first centred on the mean of ``x``'s finite rows, so the
+    The points are first centred on ``x``'s first finite row, so the
     result does not depend on how far the set is from the origin. For d <= 4
     every entry is summed from coordinate differences (relative error a few
     ulps per entry); for larger d the Gram form ``|x|^2 + |y|^2 - 2 x y^T`` of
@@ -293,33 +298,6 @@ def _symmetric_sq_dists(zc: Array) -> Array:
     i = jnp.arange(m)
     r2 = jnp.where(i[:, None] <= i[None, :], r2, r2.T)
     return jnp.where(i[:, None] == i[None, :], jnp.zeros((), r2.dtype), r2)
-
-
-def _kth_smallest_pair(r2: Array, k, n_diag) -> Array:
-    """k-th smallest (0-based) of the distinct-pair entries {r2[a, b] : a < b}.
-
-    Exact selection without a sort: non-negative IEEE floats are ordered like
-    their bit patterns read as integers, so a bisection over the integer range
-    finds the k-th smallest value in ``bits`` passes (31 for float32, 63 for
-    float64), each one fused count over the matrix. The count over distinct
-    pairs is ``(count over the full matrix - n_diag) / 2`` because ``r2`` is
-    symmetric with ``n_diag`` zeros on its diagonal (excluded pairs hold +inf,
-    which is never counted).
-    """
-    itype = jnp.int64 if r2.dtype == jnp.float64 else jnp.int32
-    bits = jax.lax.bitcast_convert_type(r2, itype)
-    nbits = jnp.iinfo(itype).bits - 1
-    hi0 = jax.lax.bitcast_convert_type(jnp.asarray(jnp.inf, r2.dtype), itype)
-
-    def body(_, lohi):
-        lo, hi = lohi
-        mid = lo + (hi - lo) // 2
-        count = (jnp.sum(bits <= mid, dtype=itype) - n_diag) // 2
-        above = count > k
-        return jnp.where(above, lo, mid + 1), jnp.where(above, mid, hi)
-
-    _, hi = jax.lax.fori_loop(0, nbits, body, (jnp.zeros((), itype), hi0), unroll=4)
-    return jax.lax.bitcast_convert_type(hi, r2.dtype)
 
 
 def _kth_smallest(values: Array, k) -> Array:
@@ -399,11 +377,12 @@ def median_bandwidth(r2: Array, *, valid: Array | None = None) -> Array:
         n_leq = jnp.sum(pairs <= lower, dtype=itype)
         above = pairs
         total = jnp.sum(jnp.where(pairs < jnp.inf, pairs, 0))
-    else:
-        lower = _kth_smallest_pair(work, k, nv)
-        n_leq = (jnp.sum(work <= lower, dtype=itype) - nv) // 2
-        above = work
-        total = 0.5 * jnp.sum(jnp.where(work < jnp.inf, work, 0))
+    else:  # the upper triangle in place (+inf elsewhere): no reliance on exact symmetry
+        i = jnp.arange(m)
+        above = jnp.where(i[:, None] < i[None, :], work, jnp.inf).reshape(-1)
+        lower = _kth_smallest(above, k)
+        n_leq = jnp.sum(above <= lower, dtype=itype)
+        total = jnp.sum(jnp.where(above < jnp.inf, above, 0))
     upper = jnp.min(jnp.where(above > lower, above, jnp.inf))
     return _finish_median(lower, n_leq, upper, total, n, nv, wdtype).astype(dtype)
 
@@ -442,7 +421,9 @@ def _masked_derivatives(kernel: RadialKernel, r2: Array, h: Array, pair_ok: Arra
 
 def _kernel_matrices(kernel: RadialKernel, zc: Array, ok: Array | None) -> KernelMatrices:
     """:func:`kernel_matrices` on points already prepared by :func:`_prepare` (``ok`` None: no exclusions)."""
-    r2 = _symmetric_sq_dists(zc)
+    r2 = _centred_sq_dists(zc, zc)  # the median reads the upper triangle only: no need to mirror it
+    i = jnp.arange(zc.shape[0])
+    r2 = jnp.where(i[:, None] == i[None, :], jnp.zeros((), r2.dtype), r2)
     if isinstance(kernel.bandwidth, str):
         h = median_bandwidth(r2, valid=ok)
     else:
@@ -469,8 +450,7 @@ def kernel_matrices(kernel: RadialKernel, x: Array, *, valid: Array | None = Non
 
     Returns:
       :class:`KernelMatrices` with (M, M) entries and a scalar bandwidth. The
-      distances are taken on points centred on the mean of the included
-      particles (see :func:`pairwise_sq_dists` for their accuracy).
+      distances are taken on points centred on an included particle (see :func:`pairwise_sq_dists` for their accuracy).
     """
     zc, ok = _prepare(x, valid)
     return _kernel_matrices(kernel, zc, ok)
@@ -689,8 +669,8 @@ def kernel_products(
     Returns:
       :class:`KernelProducts`.
 
-    Accuracy: the points are centred on the mean of the included particles
-    before any distance is formed, so a cluster far from the origin loses
+    Accuracy: the points are centred on an included particle before any
+    distance is formed, so a cluster far from the origin loses
     nothing. Against float64 on the same inputs, float32 distances (p <= 4)
     and the median bandwidth are within a few ulps per entry; the repulsion
     within about ``64 eps sum_a |kappa'_am| |z_a - z_m|`` per entry (p <= 4, the
