@@ -10,7 +10,7 @@ import optax
 
 from mtsgd_jax import kernels as _kernels
 from mtsgd_jax import stein as _stein
-from mtsgd_jax._validation import check_target_grads, num_particles
+from mtsgd_jax._validation import check_init_inputs, check_target_grads, check_update_inputs, num_particles
 from mtsgd_jax.particles import flatten_particles, flatten_target_grads, unflatten_particles
 from mtsgd_jax.transforms._common import _check_num_targets, _float_dtype, _make_solver, _per_particle_min_norm
 
@@ -113,6 +113,7 @@ def moo_svgd(
     alpha = float(repulsion)
 
     def init_fn(params):
+        check_init_inputs(params, "moo_svgd.init", repulsion=repulsion, normalize_grads=normalize_grads, warm_start=warm_start)
         m = num_particles(params, "params")
         dtype = _float_dtype(params)
         return MOOSVGDState(
@@ -123,6 +124,7 @@ def moo_svgd(
         )
 
     def update_fn(grads, state, params=None, **extra_args):
+        check_update_inputs(grads, state, params, MOOSVGDState, "moo_svgd.update")
         check_target_grads(grads, params, num_targets)
         x, spec = flatten_particles(params, dtype=_float_dtype(params))
         m = x.shape[0]

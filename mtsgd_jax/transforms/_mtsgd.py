@@ -23,7 +23,7 @@ import optax
 from mtsgd_jax import kernels as _kernels
 from mtsgd_jax import stein as _stein
 from mtsgd_jax.transforms._common import _check_num_targets, _float_dtype, _make_solver
-from mtsgd_jax._validation import check_like_params, check_target_grads, num_particles, tree_shapes_match
+from mtsgd_jax._validation import check_init_inputs, check_like_params, check_target_grads, check_update_inputs, num_particles, tree_shapes_match
 from mtsgd_jax.particles import flatten_particles, flatten_target_grads, unflatten_particles
 
 PyTree = Any
@@ -315,6 +315,7 @@ def mtsgd(
             raise ValueError("mtsgd: features= cannot be combined with axis_name= (sharded particles) yet.")
 
     def init_fn(params):
+        check_init_inputs(params, "mtsgd.init", warm_start=warm_start)
         num_particles(params, "params")
         dtype = _float_dtype(params)
         return MTSGDState(
@@ -326,6 +327,7 @@ def mtsgd(
         )
 
     def update_fn(grads, state, params=None, **extra_args):
+        check_update_inputs(grads, state, params, MTSGDState, "mtsgd.update")
         check_target_grads(grads, params, num_targets)
         init = state.weights if warm_start else None
         updates, weights, ksd, h, bad = _stein_step(
@@ -376,12 +378,14 @@ def svgd(
         return jnp.ones((1,), gram.dtype)
 
     def init_fn(params):
+        check_init_inputs(params, "svgd.init")
         num_particles(params, "params")
         dtype = _float_dtype(params)
         nan = jnp.full((), jnp.nan, dtype)
         return SVGDState(nan, nan, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
     def update_fn(grads, state, params=None, **extra_args):
+        check_update_inputs(grads, state, params, SVGDState, "svgd.update")
         del extra_args
         if params is not None and tree_shapes_match(grads, params, prefix=(1,)):
             stacked = grads
