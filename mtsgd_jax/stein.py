@@ -1,6 +1,6 @@
 """Per-target Stein (SVGD) directions and their RKHS Gram matrix U.
 
-Notation (ALGORITHM.md sections 2-3): particles ``x`` (M, d), scores
+Notation (docs/algorithm.md sections 2-3): particles ``x`` (M, d), scores
 ``s_k = grad log p_k`` stacked as ``S`` (K, M, d), kernel matrix ``Kmat``
 (M, M) and repulsion ``R_m = sum_a grad_{x_a} k(x_a, x_m)`` (M, d), which is
 the same for every target. Then
@@ -15,6 +15,15 @@ so the whole computation is one (M, M) x (M, K d) product plus O(K^2 M d)
 contractions: O(K M^2 d) time and O(M^2 + K M d) memory, with no per-pair work.
 ``diag(U)`` is the squared kernel Stein discrepancy (V-statistic) of the
 particle set against each target.
+
+Every path to U (the kernel products ``Kmat S`` for small d, the inner
+products ``S S^T`` for particles much longer than K M, and a kernel on
+features ``F(theta)`` with the repulsion pulled back through ``F``) produces
+one :class:`SteinSystem`: the pieces of U and what the combined direction
+``sum_k w_k Phi_k`` needs. U is assembled from them by one function
+(:func:`assemble_scaled_gram`). The kernel and how its interactions are
+evaluated (row blocks, a mesh axis) travel together as a
+:class:`KernelContext`, validated once.
 
 Numerics: the scores are divided by a power of two ``alpha`` of their largest
 entry before any product is formed (exact), and U is assembled as
@@ -35,7 +44,10 @@ The ``*_flat`` functions take the (M, d) / (K, M, d) matrices directly.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import contextlib
+import contextvars
+import numbers
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,10 +60,13 @@ Array = jax.Array
 PyTree = Any
 
 __all__ = [
-    "SteinTerms",
+    "KernelContext",
+    "kernel_context",
+    "SteinSystem",
+    "stein_system",
+    "assemble_scaled_gram",
+    "unscale_gram",
     "SteinQuantities",
-    "stein_terms_flat",
-    "gram_from_terms",
     "stein_quantities",
     "stein_directions",
     "gram_matrix",
@@ -59,41 +74,105 @@ __all__ = [
 ]
 
 
-class SteinTerms(NamedTuple):
-    """Intermediate products shared by the directions and U (flat layout).
+# ---------------------------------------------------------------------------
+# the execution context of the kernel work
+# ---------------------------------------------------------------------------
 
-    Particles whose position or score (any target) is not finite are excluded
-    from every sum (see :func:`stein_terms_flat`).
+
+class KernelContext(NamedTuple):
+    """How the kernel interactions of a particle set are evaluated; built by :func:`kernel_context`.
 
     Attributes:
-      kernel_scores: ``Kmat @ (S_k / scale)`` for every target, (K, M, d)
-        (this device's rows when sharded; zero rows for excluded particles).
-      repulsion: ``R``, (M, d) (zero rows for excluded particles).
-      trace_term: scalar ``t`` of U's decomposition (already divided by n^2).
-      bandwidth: scalar bandwidth used.
-      num_particles: n, the number of included particles of the whole set,
-        () float (M when every particle is finite).
-      axis_name: mesh axis the particles are split over, or ``None``.
-      scale: () power of two ``alpha`` the scores were divided by (exact), so
-        that no product of scores overflows.
-      valid: (M,) bool, the included particles (this device's rows).
+      kernel: the :class:`~mtsgd_jax.kernels.RadialKernel`.
+      block_size: ``None`` (the (M, M) matrices at once) or B (B rows at a
+        time, O(B M) memory; see :func:`~mtsgd_jax.kernels.kernel_products`).
+      axis_name: ``None``, or the mesh axis the particles are split over when
+        the computation runs inside ``shard_map``: every sum over particles is
+        then global.
     """
 
-    kernel_scores: Array
-    repulsion: Array
-    trace_term: Array
-    bandwidth: Array
-    num_particles: Array | None = None
+    kernel: _kernels.RadialKernel
+    block_size: int | None = None
     axis_name: str | None = None
-    scale: Array | None = None
-    valid: Array | None = None
 
 
-def _axis_size(axis_name) -> int:
-    if axis_name is None:
-        return 1
-    size = getattr(jax.lax, "axis_size", None)
-    return int(size(axis_name)) if size is not None else int(jax.lax.psum(1, axis_name))
+def kernel_context(
+    kernel: _kernels.RadialKernel | None = None,
+    *,
+    block_size: int | None = None,
+    axis_name: str | None = None,
+    where: str = "kernel_context",
+) -> KernelContext:
+    """A validated :class:`KernelContext` (errors name ``where``, the caller).
+
+    Args:
+      kernel: a :class:`~mtsgd_jax.kernels.RadialKernel`, or ``None`` for
+        ``rbf("median")``.
+      block_size: a positive int or ``None``.
+      axis_name: a mesh axis name (str) or ``None``.
+      where: the name the error messages start with (e.g. ``"mtsgd"``).
+
+    Raises:
+      TypeError: for a kernel that is not a RadialKernel (e.g. the string
+        ``"rbf"``) or an axis name that is not a string.
+      ValueError: for a block size that is not a positive int.
+    """
+    kernel = _kernels.check_kernel(kernel, where)
+    if block_size is not None:
+        if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size < 1:
+            raise ValueError(
+                f"{where}: block_size must be a positive int (rows of the kernel matrix per block) or None, "
+                f"got {block_size!r}; e.g. block_size=1024, or None to form the (M, M) matrices at once."
+            )
+        block_size = int(block_size)
+    if axis_name is not None and not isinstance(axis_name, str):
+        raise TypeError(
+            f"{where}: axis_name must be the name (str) of the mesh axis that splits the particles, or None, "
+            f"got {axis_name!r} ({type(axis_name).__name__}); e.g. axis_name='particles'."
+        )
+    return KernelContext(kernel, block_size, axis_name)
+
+
+# Contexts announced by transformations while their update is traced (see :func:`observe_contexts`).
+_OBSERVERS: contextvars.ContextVar[tuple] = contextvars.ContextVar("mtsgd_jax_kernel_context_observers", default=())
+
+
+class ContextFound(Exception):
+    """Raised by :func:`announce_context` inside ``observe_contexts(stop=True)``: ``.context`` is the first one."""
+
+    def __init__(self, context: KernelContext):
+        super().__init__(context)
+        self.context = context
+
+
+@contextlib.contextmanager
+def observe_contexts(*, stop: bool = False) -> Iterator[list]:
+    """Collect the :class:`KernelContext` of every transformation whose ``update`` runs (is traced) inside.
+
+    Yields a list that fills in call order. With ``stop=True`` the first
+    announcement raises :class:`ContextFound` instead, which ends an abstract
+    trace as soon as the context is known (nothing after it is traced).
+    """
+    seen: list = []
+    token = _OBSERVERS.set(_OBSERVERS.get() + ((seen, stop),))
+    try:
+        yield seen
+    finally:
+        _OBSERVERS.reset(token)
+
+
+def announce_context(context: KernelContext) -> None:
+    """Called by a transformation's ``update``: report ``context`` to the active observers (no effect otherwise)."""
+    observers = _OBSERVERS.get()
+    for seen, _ in observers:
+        seen.append(context)
+    if any(stop for _, stop in observers):
+        raise ContextFound(context)
+
+
+# ---------------------------------------------------------------------------
+# U's pieces and the combined direction, one value for every path
+# ---------------------------------------------------------------------------
 
 
 def _psum(x, axis_name):
@@ -104,9 +183,19 @@ def _pmax(x, axis_name):
     return x if axis_name is None else jax.lax.pmax(x, axis_name)
 
 
+def _finite_rows(*arrays: Array) -> Array:
+    """(M,) True where every entry of particle m's row is finite; arrays (M, ...) or (K, M, ...)."""
+    ok = None
+    for a in arrays:
+        lead = 0 if a.ndim == 2 else 1
+        fin = jnp.all(jnp.isfinite(a), axis=tuple(i for i in range(a.ndim) if i != lead))
+        ok = fin if ok is None else ok & fin
+    return ok
+
+
 def valid_particles(x: Array, vectors: Array) -> Array:
     """(M,) True for particles whose row of ``x`` (M, d) and rows of ``vectors`` (K, M, d) are all finite."""
-    return _kernels._finite_rows(x, vectors)
+    return _finite_rows(x, vectors)
 
 
 def power_of_two_scale(vectors: Array, valid: Array, axis_name: str | None = None) -> Array:
@@ -121,75 +210,11 @@ def power_of_two_scale(vectors: Array, valid: Array, axis_name: str | None = Non
     return jnp.where(amax > 0, jnp.ldexp(jnp.ones((), vectors.dtype), e - 1), jnp.ones((), vectors.dtype))
 
 
-def stein_terms_flat(
-    x: Array,
-    scores: Array,
-    kernel: _kernels.RadialKernel,
-    *,
-    block_size: int | None = None,
-    axis_name: str | None = None,
-) -> SteinTerms:
-    """Shared Stein products for particles ``x`` (M, d) and ``scores`` (K, M, d).
-
-    ``block_size`` processes the (M, M) kernel interactions B rows at a time
-    (see :func:`~mtsgd_jax.kernels.kernel_products`); ``None`` does them at once.
-    ``axis_name``: inside ``shard_map`` with the particles split over that mesh
-    axis, ``x`` and ``scores`` hold this device's particles; the outputs are
-    this device's rows and every sum over particles is global.
-
-    A particle whose position or score (any target) is not finite drops out
-    of every kernel sum: the other particles' directions and U equal those of
-    the set without it (the median bandwidth and the 1/n normalisation use
-    the number n of finite particles), and its own directions are NaN.
-    """
-    m, d = x.shape
-    k = scores.shape[0]
-    valid = valid_particles(x, scores)
-    alpha = power_of_two_scale(scores, valid, axis_name)
-    scaled = jnp.where(valid[None, :, None], scores, jnp.zeros((), scores.dtype)) / alpha
-    # One GEMM for all targets: (M, M) @ (M, K*d).
-    s_stacked = jnp.transpose(scaled, (1, 0, 2)).reshape(m, k * d)
-    prods = _kernels.kernel_products(kernel, x, s_stacked, block_size=block_size, axis_name=axis_name, valid=valid)
-    ks = prods.kv.reshape(m, k, d).transpose(1, 0, 2)
-    n = _psum(jnp.sum(valid), axis_name).astype(x.dtype)
-    n_safe = jnp.maximum(n, 1)
-    return SteinTerms(ks, prods.repulsion, prods.trace_sum / (n_safe * n_safe), prods.bandwidth, n, axis_name, alpha, valid)
-
-
-def _num(terms: SteinTerms):
-    n = terms.num_particles if terms.num_particles is not None else terms.repulsion.shape[0]
-    return jnp.maximum(n, 1)
-
-
-def _scale(terms) -> Array:
-    return jnp.ones((), terms.repulsion.dtype) if terms.scale is None else terms.scale
-
-
-def _scaled_scores(scores: Array, terms: SteinTerms) -> Array:
-    """``S / scale`` with excluded particles' rows zero, as :func:`stein_terms_flat` used them."""
-    if terms.valid is not None:
-        scores = jnp.where(terms.valid[None, :, None], scores, jnp.zeros((), scores.dtype))
-    return scores / _scale(terms).astype(scores.dtype)
-
-
-def scaled_first_term(scores: Array, terms: SteinTerms) -> Array:
-    """``G / scale^2`` (K, K): the first term of U on the scaled scores (never overflows)."""
-    m = _num(terms)
-    s = _scaled_scores(scores, terms)
-    return _psum(jnp.einsum("kmd,lmd->kl", s, terms.kernel_scores), terms.axis_name) / (m * m)
-
-
-def first_term(scores: Array, terms: SteinTerms) -> Array:
-    """G (K, K), the first term of U: ``G_kl = <S_k, Kmat S_l> / n^2`` (may overflow for huge scores)."""
-    alpha = _scale(terms)
-    return scaled_first_term(scores, terms) * alpha * alpha
-
-
-def assemble_scaled_gram(first: Array, cross: Array, trace_term, alpha: Array) -> tuple[Array, Array]:
-    """``U / beta^2`` and ``beta = max(alpha, 1)`` from the scaled pieces.
+def assemble_scaled_gram(first: Array, cross: Array, trace_term: Array, alpha: Array) -> tuple[Array, Array]:
+    """``U / beta^2`` (K, K) and ``beta = max(alpha, 1)`` from the scaled pieces; the one place U is formed.
 
     With ``first = G / alpha^2`` (K, K), ``cross = c / alpha`` (K,) and the
-    constant ``t``: ``U / beta^2 = (alpha/beta)^2 first + (alpha/beta^2)
+    constant ``t`` (): ``U / beta^2 = (alpha/beta)^2 first + (alpha/beta^2)
     (cross 1^T + 1 cross^T) + t / beta^2``. Every factor is a power of two
     (exact) and every term is finite whenever the pieces are; the simplex QP's
     solution is the same for U and U / beta^2. Symmetrised.
@@ -209,120 +234,191 @@ def unscale_gram(scaled: Array, beta: Array) -> Array:
     return (scaled * beta) * beta
 
 
-def scaled_gram_from_terms(scores: Array, terms: SteinTerms, first: Array | None = None) -> tuple[Array, Array]:
-    """``(U / beta^2, beta)`` from ``scores`` (K, M, d) and :func:`stein_terms_flat` output.
-
-    ``first`` may pass a precomputed :func:`scaled_first_term`. See
-    :func:`assemble_scaled_gram`.
-    """
-    m = _num(terms)
-    g = scaled_first_term(scores, terms) if first is None else first
-    s = _scaled_scores(scores, terms)
-    c = _psum(jnp.einsum("kmd,md->k", s, terms.repulsion), terms.axis_name) / (m * m)
-    return assemble_scaled_gram(g, c, terms.trace_term, _scale(terms))
-
-
-def gram_from_terms(scores: Array, terms: SteinTerms, first: Array | None = None) -> Array:
-    """U (K, K) from ``scores`` (K, M, d) and :func:`stein_terms_flat` output.
-
-    ``first`` may pass a precomputed :func:`scaled_first_term`. U is formed on
-    scaled scores and scaled back at the end, so it is finite unless its
-    entries truly exceed the dtype's range.
-    """
-    return unscale_gram(*scaled_gram_from_terms(scores, terms, first))
-
-
-def _nan_rows(x: Array, valid: Array | None) -> Array:
+def _nan_rows(x: Array, valid: Array) -> Array:
     """``x`` (..., M, d) with the rows of excluded particles set to NaN."""
-    if valid is None:
-        return x
     return jnp.where(valid[:, None], x, jnp.asarray(jnp.nan, x.dtype))
 
 
-def directions_from_terms(terms: SteinTerms) -> Array:
-    """Per-target directions Phi (K, M, d) from :func:`stein_terms_flat` output (NaN rows for excluded particles)."""
-    phi = (terms.kernel_scores * _scale(terms) + terms.repulsion[None]) / _num(terms)
-    return _nan_rows(phi, terms.valid)
+class SteinSystem(NamedTuple):
+    """U's pieces and the combined direction of a particle set against K targets (flat layout).
 
-
-def combined_direction(terms: SteinTerms, weights: Array) -> Array:
-    """``sum_k w_k Phi_k`` (M, d) for weights on the simplex, in O(K M d) (NaN rows for excluded particles)."""
-    mixed = jnp.einsum("k,kmd->md", weights.astype(terms.kernel_scores.dtype), terms.kernel_scores)
-    phi = (mixed * _scale(terms) + terms.repulsion * jnp.sum(weights).astype(mixed.dtype)) / _num(terms)
-    return _nan_rows(phi, terms.valid)
-
-
-class GramTerms(NamedTuple):
-    """U's ingredients computed from inner products only (the small-M, large-d path).
-
-    For vectors ``V`` (K, M, d) (the scores, or the loss gradients = -scores),
-    scaled by a power of two ``alpha`` and with excluded particles' rows zeroed
-    (``V'``), and n included particles:
+    Built by :func:`stein_system` on any of its paths. The scores ``S``
+    (K, M, d) enter as ``S' = S / alpha`` with excluded particles' rows zero,
+    and n counts the included particles (over all devices when sharded).
 
     Attributes:
-      first: ``<V'_k, Kmat V'_l> / n^2``, (K, K) (the same for V and -V).
-      cross: ``<V'_k, R> / n^2``, (K,) (changes sign with V).
-      sq_norms: ``||V'_k||_F^2``, (K,).
-      trace_term: ``t`` of U's decomposition (already divided by n^2).
-      kernel: the :class:`~mtsgd_jax.kernels.KernelMatrices` on the particles.
-      repulsion: ``R``, (M, d).
-      scale: ``alpha``.
+      first: ``G / alpha^2 = <S'_k, Kmat S'_l> / n^2``, (K, K).
+      cross: ``c / alpha = <S'_k, R> / n^2``, (K,).
+      trace_term: ``t`` of U's decomposition, () (0 for a kernel on features,
+        where it would need every network's Jacobian; a constant shift of U
+        leaves the simplex QP's solution unchanged).
+      score_sq: ``||S'_k||_F^2``, (K,): the diagonal of the scores' Gram.
+      scaled_scores: ``S'``, (K, M, d) (this device's rows when sharded).
+      kernel_scores: ``Kmat S'_k`` for every target, (K, M, d), or ``None``
+        on the inner-product path.
+      kernel_matrix: ``Kmat`` (M, M) on the inner-product path, else ``None``.
+      repulsion: ``R``, (M, d), zero rows for excluded particles.
+      scale: ``alpha``, () power of two.
+      num_particles: n, () float.
       valid: (M,) bool, the included particles.
-      num_particles: () n.
+      bandwidth: () kernel bandwidth used.
+      axis_name: the mesh axis of the particles, or ``None``.
     """
 
     first: Array
     cross: Array
-    sq_norms: Array
     trace_term: Array
-    kernel: _kernels.KernelMatrices
+    score_sq: Array
+    scaled_scores: Array
+    kernel_scores: Array | None
+    kernel_matrix: Array | None
     repulsion: Array
     scale: Array
-    valid: Array
     num_particles: Array
+    valid: Array
+    bandwidth: Array
+    axis_name: str | None = None
+
+    def scaled_gram(self) -> tuple[Array, Array]:
+        """``(U / beta^2, beta)``: U (K, K) formed on the scaled pieces, and the power of two it is divided by."""
+        return assemble_scaled_gram(self.first, self.cross, self.trace_term, self.scale)
+
+    def gram(self) -> Array:
+        """U (K, K): finite unless its entries truly exceed the dtype's range."""
+        return unscale_gram(*self.scaled_gram())
+
+    def direction(self, weights: Array) -> Array:
+        """``sum_k w_k Phi_k`` (M, d) for ``weights`` (K,), in O(K M d) past the kernel work; NaN rows for excluded particles."""
+        dtype = self.repulsion.dtype
+        w = weights.astype(dtype)
+        if self.kernel_scores is not None:
+            smoothed = jnp.einsum("k,kmd->md", w, self.kernel_scores)
+        else:
+            smoothed = jnp.matmul(self.kernel_matrix.astype(dtype), jnp.einsum("k,kmd->md", w, self.scaled_scores))
+        phi = (smoothed * self.scale.astype(dtype) + jnp.sum(w) * self.repulsion) / jnp.maximum(self.num_particles, 1)
+        return _nan_rows(phi, self.valid)
+
+    def directions(self) -> Array:
+        """Every target's direction Phi (K, M, d) (NaN rows for excluded particles)."""
+        ks = self.kernel_scores
+        if ks is None:
+            ks = jnp.einsum("ab,kbd->kad", self.kernel_matrix.astype(self.scaled_scores.dtype), self.scaled_scores)
+        phi = (ks * self.scale + self.repulsion[None]) / jnp.maximum(self.num_particles, 1)
+        return _nan_rows(phi, self.valid)
 
 
-def gram_terms_flat(x: Array, vectors: Array, kernel: _kernels.RadialKernel) -> GramTerms:
-    """U's ingredients without forming ``Kmat @ V``: one GEMM over ``V``'s (K M, d) rows.
+def use_inner_products(num_targets: int, num_particles: int, dim: int, context: KernelContext) -> bool:
+    """Whether :func:`stein_system` takes the inner-product path for K targets, M particles of dimension d.
 
-    ``Kmat @ S_k`` costs K M^2 d and writes K M d numbers; when d is much larger
-    than K M (particles that are networks) it is cheaper to take the inner
-    products ``V V^T`` (K M, K M) once and contract them with the (M, M)
-    kernel matrix, plus the repulsion R (M, d) (one (M, M) x (M, d) GEMM): every
-    big array is read a few times and nothing of size K M d is written. The
-    combined direction then needs only ``Kmat @ (sum_k w_k V_k)`` (see
-    :func:`direction_from_weighted`). Particles with a non-finite position or
-    vector are excluded as in :func:`stein_terms_flat`.
+    It does when the particles are much longer than K M (networks): ``4 (K + 1) M <= d``,
+    unblocked and unsharded (that path holds the (M, M) kernel matrix on one device).
     """
-    m, d = x.shape
-    k = vectors.shape[0]
-    valid = valid_particles(x, vectors)
-    alpha = power_of_two_scale(vectors, valid)
-    v = jnp.where(valid[None, :, None], vectors, jnp.zeros((), vectors.dtype)) / alpha
-    km, rep, _ = _kernels._kernel_matrices_and_repulsion(kernel, x, valid)
-    n = jnp.sum(valid).astype(x.dtype)
+    return context.block_size is None and context.axis_name is None and 4 * (num_targets + 1) * num_particles <= dim
+
+
+def stein_system(
+    x: Array,
+    scores: Array,
+    context: KernelContext,
+    *,
+    features: tuple[Array, Callable[[Array], Array]] | None = None,
+    inner_products: bool | None = None,
+) -> SteinSystem:
+    """U's pieces and the combined direction for particles ``x`` (M, d) and ``scores`` (K, M, d).
+
+    Args:
+      x: particles (this device's rows when ``context.axis_name`` is set).
+      scores: ``grad log p_k`` at every particle (K, M, d).
+      context: a :class:`KernelContext`; ``block_size`` and ``axis_name`` are
+        honoured on every path.
+      features: ``(z, pullback)`` for a kernel on features: ``z`` (M, p) the
+        particles' feature vectors and ``pullback`` mapping a (M, p) cotangent
+        to the (M, d) one on the particles (a VJP of the feature map). The
+        repulsion is then ``pullback(sum_a grad_{z_a} k(z_a, z_m))`` and the
+        trace term is left out (0). ``None``: the kernel acts on ``x``.
+      inner_products: ``True`` forms ``Kmat`` (M, M) and the inner products
+        ``S' S'^T`` (K M, K M) instead of ``Kmat S'`` (K, M, d): cheaper when
+        d is much larger than K M, since nothing of size K M d is written
+        (needs ``block_size`` and ``axis_name`` None). ``None`` (default)
+        decides by :func:`use_inner_products`.
+
+    Returns:
+      :class:`SteinSystem`. A particle whose position, score (any target) or
+      feature row is not finite drops out of every kernel sum: the others'
+      directions and U equal those of the set without it (the median
+      bandwidth and the 1/n normalisation use the number n of finite
+      particles), and its own directions are NaN.
+    """
+    k, m, d = scores.shape
+    axis = context.axis_name
+    if inner_products is None:
+        inner_products = use_inner_products(k, m, d, context)
+    elif inner_products and (context.block_size is not None or axis is not None):
+        raise ValueError("stein_system: inner_products=True needs block_size=None and axis_name=None.")
+    points, pullback = (x, None) if features is None else features
+    valid = _finite_rows(x, scores) if features is None else _finite_rows(x, scores, points)
+    alpha = power_of_two_scale(scores, valid, axis)
+    s = jnp.where(valid[None, :, None], scores, jnp.zeros((), scores.dtype)) / alpha
+    n = _psum(jnp.sum(valid), axis).astype(x.dtype)
     nn = jnp.maximum(n, 1) ** 2
-    flat = v.reshape(k * m, d)
-    vv = jnp.matmul(flat, flat.T).reshape(k, m, k, m)
-    first = jnp.einsum("ab,kalb->kl", km.k.astype(vv.dtype), vv) / nn
-    cross = jnp.einsum("kmd,md->k", v, rep.astype(v.dtype)) / nn
-    sq = jnp.einsum("kmkm->k", vv)
-    return GramTerms(first, cross, sq, km.trace_sum / nn, km, rep, alpha, valid, n)
+    if inner_products:
+        # Kmat itself, as Kmat @ I (exact), from the same kernel evaluation as the repulsion.
+        prods = _kernels.kernel_products(context.kernel, points, jnp.eye(m, dtype=points.dtype), valid=valid)
+        kmat = prods.kv
+        flat = s.reshape(k * m, d)
+        ss = jnp.matmul(flat, flat.T).reshape(k, m, k, m)
+        first = jnp.einsum("ab,kalb->kl", kmat.astype(ss.dtype), ss) / nn
+        score_sq = jnp.einsum("kmkm->k", ss)
+        ks = None
+    else:
+        # One GEMM for all targets: (M, M) @ (M, K d).
+        stacked = jnp.transpose(s, (1, 0, 2)).reshape(m, k * d)
+        prods = _kernels.kernel_products(
+            context.kernel, points, stacked, block_size=context.block_size, axis_name=axis, valid=valid
+        )
+        ks = prods.kv.reshape(m, k, d).transpose(1, 0, 2)
+        first = _psum(jnp.einsum("kmd,lmd->kl", s, ks), axis) / nn
+        score_sq = _psum(jnp.sum(s * s, axis=(1, 2)), axis)
+        kmat = None
+    if pullback is None:
+        rep = prods.repulsion
+        trace_term = prods.trace_sum / nn
+    else:
+        rep = pullback(prods.repulsion.astype(points.dtype)).astype(x.dtype)
+        rep = jnp.where(valid[:, None], rep, jnp.zeros((), rep.dtype))
+        trace_term = jnp.zeros((), x.dtype)
+    cross = _psum(jnp.einsum("kmd,md->k", s, rep.astype(s.dtype)), axis) / nn
+    return SteinSystem(first, cross, trace_term, score_sq, s, ks, kmat, rep, alpha, n, valid, prods.bandwidth, axis)
 
 
-def direction_from_weighted(weighted: Array, weight_sum: Array, gt: GramTerms) -> Array:
-    """``(Kmat @ (alpha weighted) + weight_sum * R) / n`` (M, d), NaN rows for excluded particles.
+def stein_terms_flat(
+    x: Array,
+    scores: Array,
+    kernel: _kernels.RadialKernel,
+    *,
+    block_size: int | None = None,
+    axis_name: str | None = None,
+) -> SteinSystem:
+    """:func:`stein_system` on the kernel-products path (per-target directions available), ``x`` (M, d), ``scores`` (K, M, d)."""
+    ctx = kernel_context(kernel, block_size=block_size, axis_name=axis_name, where="stein_terms_flat")
+    return stein_system(x, scores, ctx, inner_products=False)
 
-    ``sum_k w_k Phi_k`` when ``weighted = sum_k w_k S'_k`` on the scaled,
-    masked scores ``S' = S / alpha`` of :func:`gram_terms_flat`.
-    """
-    kw = jnp.matmul(gt.kernel.k.astype(weighted.dtype), weighted) * gt.scale.astype(weighted.dtype)
-    phi = (kw + weight_sum * gt.repulsion) / jnp.maximum(gt.num_particles, 1)
-    return _nan_rows(phi, gt.valid)
+
+def directions_from_terms(system: SteinSystem) -> Array:
+    """Per-target directions Phi (K, M, d) of a :class:`SteinSystem` (NaN rows for excluded particles)."""
+    return system.directions()
+
+
+# ---------------------------------------------------------------------------
+# pytree API
+# ---------------------------------------------------------------------------
 
 
 class SteinQuantities(NamedTuple):
     """Stein quantities of a particle set against K targets.
+
+    Particles whose position or score is not finite are left out (see
+    :func:`stein_system`); their directions are NaN.
 
     Attributes:
       directions: pytree shaped like the scores, leaves (K, M, ...): Phi_k at
@@ -330,9 +426,6 @@ class SteinQuantities(NamedTuple):
       gram: U, (K, K), symmetric positive semi-definite (formed on scaled
         scores, so only entries that truly exceed the dtype's range are inf).
       ksd: diag(U), (K,): squared kernel Stein discrepancy per target.
-
-    Particles whose position or score is not finite are left out (see
-    :func:`stein_terms_flat`); their directions are NaN.
       bandwidth: scalar kernel bandwidth used.
     """
 
@@ -342,14 +435,16 @@ class SteinQuantities(NamedTuple):
     bandwidth: Array
 
 
-def _flatten_inputs(particles, scores):
+def _flat_system(particles, scores, kernel, block_size, where):
+    ctx = kernel_context(kernel, block_size=block_size, where=where)
     check_target_grads(scores, particles, None, name="scores", params_name="particles")
     x, spec = flatten_particles(particles)
     s = flatten_target_grads(scores, dtype=x.dtype)
-    return x, s, spec
+    return stein_system(x, s, ctx, inner_products=False), spec
 
 
-def stein_quantities(particles: PyTree, scores: PyTree, kernel: _kernels.RadialKernel | None = None, *, block_size: int | None = None
+def stein_quantities(
+    particles: PyTree, scores: PyTree, kernel: _kernels.RadialKernel | None = None, *, block_size: int | None = None
 ) -> SteinQuantities:
     """Per-target Stein directions, U and the per-target KSD in one pass.
 
@@ -374,37 +469,37 @@ def stein_quantities(particles: PyTree, scores: PyTree, kernel: _kernels.RadialK
       >>> q.gram.shape, q.directions.shape
       ((2, 2), (2, 10, 2))
     """
-    kernel = _kernels.check_kernel(kernel, "stein_quantities")
-    x, s, spec = _flatten_inputs(particles, scores)
-    terms = stein_terms_flat(x, s, kernel, block_size=block_size)
-    u = gram_from_terms(s, terms)
-    phi = unflatten_particles(directions_from_terms(terms), spec)
-    return SteinQuantities(phi, u, jnp.diagonal(u), terms.bandwidth)
+    system, spec = _flat_system(particles, scores, kernel, block_size, "stein_quantities")
+    u = system.gram()
+    return SteinQuantities(unflatten_particles(system.directions(), spec), u, jnp.diagonal(u), system.bandwidth)
 
 
-def stein_directions(particles: PyTree, scores: PyTree, kernel: _kernels.RadialKernel | None = None, *, block_size: int | None = None
+def stein_directions(
+    particles: PyTree, scores: PyTree, kernel: _kernels.RadialKernel | None = None, *, block_size: int | None = None
 ) -> PyTree:
     """Per-target SVGD directions Phi_k at the particles: leaves (K, M, ...).
 
     See :func:`stein_quantities` for the arguments.
     """
-    kernel = _kernels.check_kernel(kernel, "stein_directions")
-    x, s, spec = _flatten_inputs(particles, scores)
-    return unflatten_particles(directions_from_terms(stein_terms_flat(x, s, kernel, block_size=block_size)), spec)
+    system, spec = _flat_system(particles, scores, kernel, block_size, "stein_directions")
+    return unflatten_particles(system.directions(), spec)
 
 
-def gram_matrix(particles: PyTree, scores: PyTree, kernel: _kernels.RadialKernel | None = None, *, block_size: int | None = None
+def gram_matrix(
+    particles: PyTree, scores: PyTree, kernel: _kernels.RadialKernel | None = None, *, block_size: int | None = None
 ) -> Array:
     """U with ``U_kl = <phi_k, phi_l>`` in the kernel's RKHS, shape (K, K).
 
     See :func:`stein_quantities` for the arguments.
     """
-    kernel = _kernels.check_kernel(kernel, "gram_matrix")
-    x, s, _ = _flatten_inputs(particles, scores)
-    return gram_from_terms(s, stein_terms_flat(x, s, kernel, block_size=block_size))
+    return _flat_system(particles, scores, kernel, block_size, "gram_matrix")[0].gram()
 
 
-def kernel_stein_discrepancy(particles: PyTree, scores: PyTree, kernel: _kernels.RadialKernel | None = None, *, block_size: int | None = None
+def kernel_stein_discrepancy(
+    particles: PyTree, scores: PyTree, kernel: _kernels.RadialKernel | None = None, *, block_size: int | None = None
 ) -> Array:
-    """Squared KSD (V-statistic) of the particles against each target: diag(U), (K,)."""
-    return jnp.diagonal(gram_matrix(particles, scores, kernel, block_size=block_size))
+    """Squared KSD (V-statistic) of the particles against each target: diag(U), (K,).
+
+    See :func:`stein_quantities` for the arguments (``block_size`` bounds the memory as there).
+    """
+    return jnp.diagonal(_flat_system(particles, scores, kernel, block_size, "kernel_stein_discrepancy")[0].gram())

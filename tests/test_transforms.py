@@ -799,14 +799,15 @@ def test_moo_svgd_blocked_equals_unblocked():
 @pytest.mark.parametrize("weighting", ["stein", "normalized", "score"])
 @pytest.mark.parametrize("k,m,d", [(1, 3, 64), (3, 4, 200), (7, 5, 400)])
 def test_gram_path_equals_direct_path(monkeypatch, weighting, k, m, d):
-    from mtsgd_jax.transforms import _mtsgd
+    from mtsgd_jax import stein as _stein
 
-    assert _mtsgd._use_gram_path(k, m, d, None) and not _mtsgd._use_gram_path(k, m, d, 8)
+    ctx = _stein.kernel_context()
+    assert _stein.use_inner_products(k, m, d, ctx) and not _stein.use_inner_products(k, m, d, ctx._replace(block_size=8))
     x = jax.random.normal(jax.random.key(k), (m, d))
     g = jax.random.normal(jax.random.key(d), (k, m, d))
     t = mj.mtsgd(k, weighting=weighting)
     u_gram, s_gram = jax.jit(t.update)(g, t.init(x), x)
-    monkeypatch.setattr(_mtsgd, "_use_gram_path", lambda *a: False)
+    monkeypatch.setattr(_stein, "use_inner_products", lambda *a: False)
     u_direct, s_direct = jax.jit(t.update)(g, t.init(x), x)
     chex.assert_trees_all_close(u_gram, u_direct, rtol=1e-9, atol=1e-12)
     chex.assert_trees_all_close(s_gram, s_direct, rtol=1e-8, atol=1e-10)

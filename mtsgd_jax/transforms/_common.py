@@ -1,4 +1,4 @@
-"""Pieces shared by the transformations: dtypes, the QP solver closure, safe norms."""
+"""Pieces shared by the transformations: dtypes, the QP solver closure, safe norms, feature maps."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from mtsgd_jax import qp as _qp
+from mtsgd_jax.particles import flatten_particles
 
 
 def _float_dtype(params):
@@ -84,3 +85,27 @@ def _per_particle_min_norm(grads, solve, init=None, normalize_grads=False):
         weights = jax.vmap(solve)(gram, init)
     direction = jnp.einsum("mk,kmd->md", weights.astype(grads.dtype), grads)
     return weights, direction
+
+
+def _feature_map(features, params, extra_args, x, where):
+    """``(z, pullback)`` for a kernel on features: ``z = features(params, **extra_args)`` (M, p), gradient stopped.
+
+    ``pullback`` maps a cotangent (M, p) on the features to the flat (M, d)
+    one on the particles (one VJP of the feature map, in ``x``'s dtype);
+    ``x`` (M, d) are the flat particles. Raises a ValueError naming ``where``
+    unless ``features`` returns an (M, p) array.
+    """
+    m = x.shape[0]
+    feats, vjp = jax.vjp(lambda p: features(p, **(extra_args or {})), params)
+    if getattr(feats, "ndim", None) != 2 or feats.shape[0] != m:
+        raise ValueError(
+            f"{where}: features(params) must return an (M, p) array with M={m}, got shape "
+            f"{getattr(feats, 'shape', type(feats))}; e.g. features=lambda params: jax.vmap(net)(params) "
+            "stacking one feature vector per particle."
+        )
+
+    def pullback(cotangent):
+        (tree,) = vjp(cotangent.astype(feats.dtype))
+        return flatten_particles(tree, dtype=x.dtype)[0]
+
+    return jax.lax.stop_gradient(feats), pullback

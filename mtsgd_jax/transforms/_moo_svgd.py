@@ -12,7 +12,7 @@ from mtsgd_jax import kernels as _kernels
 from mtsgd_jax import stein as _stein
 from mtsgd_jax._validation import check_init_inputs, check_target_grads, check_update_inputs, num_particles
 from mtsgd_jax.particles import flatten_particles, flatten_target_grads, unflatten_particles
-from mtsgd_jax.transforms._common import _check_num_targets, _float_dtype, _make_solver, _per_particle_min_norm
+from mtsgd_jax.transforms._common import _check_num_targets, _feature_map, _float_dtype, _make_solver, _per_particle_min_norm
 
 Array = jax.Array
 PyTree = Any
@@ -55,7 +55,7 @@ def moo_svgd(
 ) -> optax.GradientTransformationExtraArgs:
     """MOO-SVGD: per-particle MGDA directions, smoothed and repelled with a kernel.
 
-    Per update (ALGORITHM.md section 5): for EVERY particle m the MGDA problem
+    Per update (docs/algorithm.md section 5): for EVERY particle m the MGDA problem
     ``w_m = argmin_{w in simplex} ||sum_k w_k g_km||^2`` on its own K loss
     gradients gives ``g*_m`` (M QPs, solved together with ``vmap``); then
 
@@ -107,9 +107,8 @@ def moo_svgd(
         raise ValueError(f"moo_svgd: repulsion must be a non-negative number, got {repulsion!r}.")
     if features is not None and not callable(features):
         raise TypeError(f"moo_svgd: features must be callable or None, got {type(features).__name__}.")
-    kernel = _kernels.check_kernel(kernel, "moo_svgd")
+    context = _stein.kernel_context(kernel, block_size=block_size, axis_name=axis_name, where="moo_svgd")
     solve = _make_solver(solver, solver_options, num_targets)
-    block_size = _kernels._check_block_size(block_size)
     alpha = float(repulsion)
 
     def init_fn(params):
@@ -126,36 +125,29 @@ def moo_svgd(
     def update_fn(grads, state, params=None, **extra_args):
         check_update_inputs(grads, state, params, MOOSVGDState, "moo_svgd.update")
         check_target_grads(grads, params, num_targets)
+        _stein.announce_context(context)
         x, spec = flatten_particles(params, dtype=_float_dtype(params))
-        m = x.shape[0]
         g = flatten_target_grads(grads, dtype=x.dtype)
         init = state.weights.astype(x.dtype) if warm_start else None
         weights, g_star = _per_particle_min_norm(g, solve, init, normalize_grads)
-        # A particle with a non-finite position, gradient or MGDA direction drops out of the kernel sums.
-        valid = _kernels._finite_rows(x, g, g_star)
+        # A particle with a non-finite position, gradient, MGDA direction or feature row drops out of the kernel sums.
         if features is None:
-            prods = _kernels.kernel_products(kernel, x, g_star, block_size=block_size, axis_name=axis_name, valid=valid)
-            rep = prods.repulsion
+            points, pullback = x, None
+            valid = _stein._finite_rows(x, g, g_star)
         else:
-            feats, pullback = jax.vjp(lambda p: features(p, **extra_args), params)
-            if getattr(feats, "ndim", None) != 2 or feats.shape[0] != m:
-                raise ValueError(
-                    f"moo_svgd: features(params) must return an (M, p) array with M={m}, "
-                    f"got shape {getattr(feats, 'shape', type(feats))}."
-                )
-            valid = valid & _kernels._finite_rows(feats)
-            prods = _kernels.kernel_products(
-                kernel, jax.lax.stop_gradient(feats), g_star, block_size=block_size, axis_name=axis_name, valid=valid
-            )
-            (rep_tree,) = pullback(prods.repulsion.astype(feats.dtype))
-            rep, _ = flatten_particles(rep_tree, dtype=x.dtype)
-            rep = jnp.where(valid[:, None], rep, jnp.zeros((), rep.dtype))
+            points, pullback = _feature_map(features, params, extra_args, x, "moo_svgd")
+            valid = _stein._finite_rows(x, g, g_star, points)
+        prods = _kernels.kernel_products(
+            context.kernel, points, g_star, block_size=context.block_size, axis_name=context.axis_name, valid=valid
+        )
+        rep = prods.repulsion
+        if pullback is not None:
+            rep = jnp.where(valid[:, None], pullback(rep), jnp.zeros((), x.dtype))
         bad = jnp.sum(~valid, dtype=jnp.int32)
-        if axis_name is not None:
-            bad = jax.lax.psum(bad, axis_name)
-        m_all = m if axis_name is None else m * _stein._axis_size(axis_name)
-        n = jnp.maximum(m_all - bad, 1).astype(x.dtype)
-        direction = (prods.kv - alpha * rep) / n
+        n = jnp.sum(valid, dtype=jnp.int32)
+        if context.axis_name is not None:
+            bad, n = jax.lax.psum((bad, n), context.axis_name)
+        direction = (prods.kv - alpha * rep) / jnp.maximum(n, 1).astype(x.dtype)
         direction = jnp.where(valid[:, None], direction, jnp.asarray(jnp.nan, direction.dtype))
         weights = jnp.where(valid[:, None], weights, jnp.asarray(1.0 / num_targets, weights.dtype))
         new_state = MOOSVGDState(

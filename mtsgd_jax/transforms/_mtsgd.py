@@ -22,7 +22,7 @@ import optax
 
 from mtsgd_jax import kernels as _kernels
 from mtsgd_jax import stein as _stein
-from mtsgd_jax.transforms._common import _check_num_targets, _float_dtype, _make_solver
+from mtsgd_jax.transforms._common import _check_num_targets, _feature_map, _float_dtype, _make_solver
 from mtsgd_jax._validation import check_init_inputs, check_like_params, check_target_grads, check_update_inputs, num_particles, tree_shapes_match
 from mtsgd_jax.particles import flatten_particles, flatten_target_grads, unflatten_particles
 
@@ -77,9 +77,6 @@ class SVGDState(NamedTuple):
     nonfinite: Array
 
 
-WEIGHTINGS = ("stein", "normalized", "score")
-
-
 def _uniform_if_bad(w: Array) -> Array:
     """``w`` if it is a finite non-negative vector with a positive sum (then renormalised), else uniform."""
     k = w.shape[0]
@@ -115,20 +112,52 @@ def _unit_norm_weights(gram, sq_norms, solve, warm_start):
     return _uniform_if_bad(w)
 
 
-def _use_gram_path(k, m, d, block_size, axis_name=None):
-    """Inner-product path when the particles are much longer than K M (networks); unblocked, unsharded."""
-    return block_size is None and axis_name is None and 4 * (k + 1) * m <= d
+# Each weighting maps (system, scaled_gram, solve, warm_start) to simplex weights (K,), where
+# ``scaled_gram`` = U / beta^2 = system.scaled_gram()[0] and ``system`` is the step's
+# :class:`~mtsgd_jax.stein.SteinSystem`; every weighting is invariant to the positive powers of two
+# the pieces are scaled by.
 
 
-def _weights(weighting, gram, first, score_sq, solve, warm_start):
-    """Simplex weights (K,) from scaled pieces: ``gram`` = U / beta^2, ``first`` = G / alpha^2 and
-    ``score_sq`` = ||S_k / alpha||^2 (each weighting is invariant to those positive scalings)."""
-    if weighting == "stein":
-        return _uniform_if_bad(solve(gram, warm_start))
-    if weighting == "normalized":
-        return _unit_norm_weights(gram, jnp.diagonal(gram), solve, warm_start)
-    # "score": first term of U only, each target's score matrix scaled to unit norm
-    return _unit_norm_weights(0.5 * (first + first.T), score_sq, solve, warm_start)
+def _stein_weights(system, gram, solve, warm_start):
+    """The paper's ``argmin_{w in simplex} w^T U w``."""
+    return _uniform_if_bad(solve(gram, warm_start))
+
+
+def _normalized_weights(system, gram, solve, warm_start):
+    """The same QP for the unit-norm directions ``phi_k / ||phi_k||_H`` (U as a correlation matrix)."""
+    return _unit_norm_weights(gram, jnp.diagonal(gram), solve, warm_start)
+
+
+def _score_weights(system, gram, solve, warm_start):
+    """The QP on U's first term only, each target's score matrix scaled to unit Frobenius norm."""
+    return _unit_norm_weights(0.5 * (system.first + system.first.T), system.score_sq, solve, warm_start)
+
+
+class _Weighting(NamedTuple):
+    rule: Callable[..., Array]
+    exact_diagonal: bool  # needs diag(U) including the trace term (a kernel on features leaves it out)
+
+
+_WEIGHTING_RULES = {
+    "stein": _Weighting(_stein_weights, exact_diagonal=False),
+    "normalized": _Weighting(_normalized_weights, exact_diagonal=True),
+    "score": _Weighting(_score_weights, exact_diagonal=False),
+}
+WEIGHTINGS = tuple(_WEIGHTING_RULES)
+
+
+def _weighting(weighting, where: str, has_features: bool) -> Callable[..., Array]:
+    """The weighting rule named ``weighting``, or a ValueError naming the valid ones."""
+    if not isinstance(weighting, str) or weighting not in _WEIGHTING_RULES:
+        raise ValueError(f"{where}: weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
+    entry = _WEIGHTING_RULES[weighting]
+    if has_features and entry.exact_diagonal:
+        usable = tuple(name for name, w in _WEIGHTING_RULES.items() if not w.exact_diagonal)
+        raise ValueError(
+            f"{where}: weighting={weighting!r} needs diag(U) exactly, which features= does not give "
+            f"(U is known up to its constant trace term); use one of {usable}."
+        )
+    return entry.rule
 
 
 def _nonfinite_count(valid, axis_name=None):
@@ -136,75 +165,21 @@ def _nonfinite_count(valid, axis_name=None):
     return bad if axis_name is None else jax.lax.psum(bad, axis_name)
 
 
-def _feature_step(g, x, spec, params, kernel, solve, warm_start, weighting, features, extra_args):
-    """Function-space variant: kernel on features F(theta), repulsion pulled back through F."""
-    k, m, d = g.shape
-    feats, pullback = jax.vjp(lambda p: features(p, **extra_args), params)
-    if getattr(feats, "ndim", None) != 2 or feats.shape[0] != m:
-        raise ValueError(
-            f"mtsgd: features(params) must return an (M, p) array with M={m}, got shape {getattr(feats, 'shape', type(feats))}."
-        )
-    z = jax.lax.stop_gradient(feats)
-    valid = _stein.valid_particles(x, g) & _kernels._finite_rows(z)
-    km, rep_z, _ = _kernels._kernel_matrices_and_repulsion(kernel, z, valid)  # rep_z: sum_a grad_{z_a} k(z_a, z_m)
-    rep, _ = flatten_particles(pullback(rep_z.astype(feats.dtype))[0], dtype=x.dtype)
-    rep = jnp.where(valid[:, None], rep, jnp.zeros((), rep.dtype))
-    alpha = _stein.power_of_two_scale(g, valid)
-    v = jnp.where(valid[None, :, None], g, jnp.zeros((), g.dtype)) / alpha  # scaled loss gradients = -S'
-    n = jnp.sum(valid).astype(x.dtype)
-    nn = jnp.maximum(n, 1) ** 2
-    flat = v.reshape(k * m, d)
-    vv = jnp.matmul(flat, flat.T).reshape(k, m, k, m)
-    first = jnp.einsum("ab,kalb->kl", km.k.astype(vv.dtype), vv) / nn
-    c = -jnp.einsum("kmd,md->k", v, rep) / nn  # <S'_k, R> / n^2 with S' = -v
-    # U up to the constant t 1 1^T (the trace term needs every network's Jacobian); a constant shift
-    # of every entry leaves argmin_{w in simplex} w^T U w unchanged.
-    gram, beta = _stein.assemble_scaled_gram(first, c, jnp.zeros((), first.dtype), alpha)
-    weights = _weights(weighting, gram, first, jnp.einsum("kmkm->k", vv), solve, warm_start)
-    w = weights.astype(x.dtype)
-    kw = jnp.matmul(km.k.astype(x.dtype), -jnp.einsum("k,kmd->md", w, v)) * alpha
-    phi = (kw + jnp.sum(w) * rep) / jnp.maximum(n, 1)
-    phi = jnp.where(valid[:, None], phi, jnp.asarray(jnp.nan, phi.dtype))
-    ksd = jnp.diagonal(_stein.unscale_gram(gram, beta))
-    return unflatten_particles(-phi, spec), weights, ksd, km.bandwidth, _nonfinite_count(valid)
+def _combine(system: _stein.SteinSystem, rule, solve, warm_start) -> tuple[Array, Array, Array]:
+    """``(sum_k w_k Phi_k (M, d), w (K,), diag(U) (K,))`` with ``w`` from ``rule`` (uniform when no particle is included)."""
+    gram, beta = system.scaled_gram()
+    weights = rule(system, gram, solve, warm_start)
+    k = weights.shape[0]
+    weights = jnp.where(system.num_particles > 0, weights, jnp.full((k,), 1.0 / k, weights.dtype))
+    return system.direction(weights), weights, jnp.diagonal(_stein.unscale_gram(gram, beta))
 
 
-def _stein_step(
-    grads, params, kernel, solve, warm_start, weighting="stein", block_size=None, features=None, extra_args=None, axis_name=None
-):
-    """Shared core: U, weights and -phi* as a pytree (two exact paths, chosen by shape).
-
-    Returns ``(updates, weights, ksd, bandwidth, nonfinite)``.
-    """
+def _system(grads, params, context, features, extra_args, where):
+    """The step's :class:`~mtsgd_jax.stein.SteinSystem` from loss gradients (leaves (K, M, ...)) and the particles."""
     x, spec = flatten_particles(params, dtype=_float_dtype(params))
     g = flatten_target_grads(grads, dtype=x.dtype)  # loss gradients = -scores
-    k, m, d = g.shape
-    if features is not None:
-        return _feature_step(g, x, spec, params, kernel, solve, warm_start, weighting, features, extra_args or {})
-    if _use_gram_path(k, m, d, block_size, axis_name):
-        gt = _stein.gram_terms_flat(x, g, kernel)
-        gram, beta = _stein.assemble_scaled_gram(gt.first, -gt.cross, gt.trace_term, gt.scale)  # S = -g
-        weights = _weights(weighting, gram, gt.first, gt.sq_norms, solve, warm_start)
-        weights = jnp.where(gt.num_particles > 0, weights, jnp.full((k,), 1.0 / k, weights.dtype))
-        w = weights.astype(x.dtype)
-        # -phi* = -(Kmat sum_k w_k S_k + sum(w) R) / n with S' = -g / alpha
-        v = jnp.where(gt.valid[None, :, None], g, jnp.zeros((), g.dtype)) / gt.scale
-        neg_phi = -_stein.direction_from_weighted(-jnp.einsum("k,kmd->md", w, v), jnp.sum(w), gt)
-        ksd = jnp.diagonal(_stein.unscale_gram(gram, beta))
-        return unflatten_particles(neg_phi, spec), weights, ksd, gt.kernel.bandwidth, _nonfinite_count(gt.valid)
-    scores = -g
-    terms = _stein.stein_terms_flat(x, scores, kernel, block_size=block_size, axis_name=axis_name)
-    first = _stein.scaled_first_term(scores, terms)
-    gram, beta = _stein.scaled_gram_from_terms(scores, terms, first)
-    score_sq = None
-    if weighting == "score":
-        s = _stein._scaled_scores(scores, terms)
-        score_sq = _stein._psum(jnp.sum(s * s, axis=(1, 2)), axis_name)
-    weights = _weights(weighting, gram, first, score_sq, solve, warm_start)
-    weights = jnp.where(terms.num_particles > 0, weights, jnp.full((k,), 1.0 / k, weights.dtype))
-    phi = _stein.combined_direction(terms, weights)
-    ksd = jnp.diagonal(_stein.unscale_gram(gram, beta))
-    return unflatten_particles(-phi, spec), weights, ksd, terms.bandwidth, _nonfinite_count(terms.valid, axis_name)
+    feats = None if features is None else _feature_map(features, params, extra_args, x, where)
+    return _stein.stein_system(x, -g, context, features=feats), spec
 
 
 def mtsgd(
@@ -301,18 +276,11 @@ def mtsgd(
       >>> x = optax.apply_updates(x, updates)
     """
     _check_num_targets("mtsgd", num_targets)
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"mtsgd: weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
-    kernel = _kernels.check_kernel(kernel, "mtsgd")
+    if features is not None and not callable(features):
+        raise TypeError(f"mtsgd: features must be callable or None, got {type(features).__name__}.")
+    rule = _weighting(weighting, "mtsgd", has_features=features is not None)
+    context = _stein.kernel_context(kernel, block_size=block_size, axis_name=axis_name, where="mtsgd")
     solve = _make_solver(solver, solver_options, num_targets)
-    block_size = _kernels._check_block_size(block_size)
-    if features is not None:
-        if not callable(features):
-            raise TypeError(f"mtsgd: features must be callable or None, got {type(features).__name__}.")
-        if weighting == "normalized":
-            raise ValueError("mtsgd: weighting='normalized' needs diag(U) exactly, which features= does not give; use 'stein' or 'score'.")
-        if axis_name is not None:
-            raise ValueError("mtsgd: features= cannot be combined with axis_name= (sharded particles) yet.")
 
     def init_fn(params):
         check_init_inputs(params, "mtsgd.init", warm_start=warm_start)
@@ -329,16 +297,16 @@ def mtsgd(
     def update_fn(grads, state, params=None, **extra_args):
         check_update_inputs(grads, state, params, MTSGDState, "mtsgd.update")
         check_target_grads(grads, params, num_targets)
-        init = state.weights if warm_start else None
-        updates, weights, ksd, h, bad = _stein_step(
-            grads, params, kernel, solve, init, weighting, block_size, features, extra_args, axis_name
-        )
+        _stein.announce_context(context)
+        system, spec = _system(grads, params, context, features, extra_args, "mtsgd")
+        phi, weights, ksd = _combine(system, rule, solve, state.weights if warm_start else None)
+        updates = unflatten_particles(-phi, spec)
         new_state = MTSGDState(
             weights=weights.astype(state.weights.dtype),
             ksd=ksd.astype(state.ksd.dtype),
-            bandwidth=h.astype(state.bandwidth.dtype),
+            bandwidth=system.bandwidth.astype(state.bandwidth.dtype),
             count=optax.safe_int32_increment(state.count),
-            nonfinite=bad,
+            nonfinite=_nonfinite_count(system.valid, context.axis_name),
         )
         return updates, new_state
 
@@ -371,11 +339,7 @@ def svgd(
       >>> state = opt.init(x)
       >>> updates, state = opt.update(x, state, x)   # target N(0, I): grad = x
     """
-    kernel = _kernels.check_kernel(kernel, "svgd")
-    block_size = _kernels._check_block_size(block_size)
-
-    def one_target(gram, init):
-        return jnp.ones((1,), gram.dtype)
+    context = _stein.kernel_context(kernel, block_size=block_size, axis_name=axis_name, where="svgd")
 
     def init_fn(params):
         check_init_inputs(params, "svgd.init")
@@ -392,12 +356,15 @@ def svgd(
         else:
             check_like_params(grads, params)
             stacked = jax.tree_util.tree_map(lambda g: jnp.expand_dims(g, 0), grads)
-        updates, _, ksd, h, bad = _stein_step(stacked, params, kernel, one_target, None, block_size=block_size, axis_name=axis_name)
-        return updates, SVGDState(
+        _stein.announce_context(context)
+        system, spec = _system(stacked, params, context, None, None, "svgd")
+        phi = system.direction(jnp.ones((1,), system.first.dtype))
+        ksd = jnp.diagonal(system.gram())
+        return unflatten_particles(-phi, spec), SVGDState(
             ksd[0].astype(state.ksd.dtype),
-            h.astype(state.bandwidth.dtype),
+            system.bandwidth.astype(state.bandwidth.dtype),
             optax.safe_int32_increment(state.count),
-            bad,
+            _nonfinite_count(system.valid, context.axis_name),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
