@@ -142,7 +142,7 @@ def _jax_variants(case, task, x, y, m, names):
         state = trainer.init(0)
         start = time.perf_counter()
         if name == "mtsgd_update":
-            values, grads, _, _ = jax.jit(trainer._losses_and_grads)(state.params, state.model_state, xj, yj)
+            values, grads, _ = jax.jit(trainer._losses_and_grads)(state.params, state.model_state, xj, yj)
             opt = method.transform.init(state.params)
             upd = jax.jit(lambda g, s, p, v: method.transform.update(g, s, p, losses=v)[0])
             compiled = upd.lower(grads, opt, state.params, values).compile()

@@ -236,7 +236,7 @@ def test_function_kernel_reusing_the_forward_pass_equals_recomputing(digits_task
 
     @jax.jit
     def both(params, x, y):
-        values, grads, _, cache = tr._losses_and_grads(params, {}, x, y)
+        values, grads, _, cache = tr._forward_and_grads(params, {}, x, y)
         assert cache is not None and cache[0].shape[0] == 3
         reused, _ = method.transform.update(grads, opt, params, losses=values, inputs=x, model_state={}, feature_cache=cache)
         recomputed, _ = method.transform.update(grads, opt, params, losses=values, inputs=x, model_state={})
@@ -254,7 +254,7 @@ def test_per_task_gradients_equal_separate_grads(digits_task):
     params = _cast(tr.init(0).params, jnp.float64)
     x, y = next(digits_task.train_data.batches(16, seed=0, epoch=0))
     x = jnp.asarray(x, jnp.float64)
-    values, grads, _, cache = jax.jit(tr._losses_and_grads)(params, {}, x, y)
+    values, grads, _, cache = jax.jit(tr._forward_and_grads)(params, {}, x, y)
     assert cache is None and values.shape == (2, 2)
     model = digits_task.model
     grad_k = jax.jit(lambda q, k: jax.grad(lambda q: digits_task.per_task_losses(model.apply({"params": q}, x), y)[k])(q),

@@ -285,6 +285,10 @@ class Trainer:
     # ------------------------------------------------------------------ the step
 
     def _losses_and_grads(self, params, model_state, x, y):
+        """``(losses (K, P), gradients, new model state)``: :meth:`_forward_and_grads` without the feature cache."""
+        return self._forward_and_grads(params, model_state, x, y)[:3]
+
+    def _forward_and_grads(self, params, model_state, x, y):
         """Per-task losses (K, P), their gradients and the new model state, from ONE forward pass.
 
         All P networks run in one forward pass (the task's fast ensemble pass when
@@ -325,7 +329,7 @@ class Trainer:
 
     def _step(self, state: TrainState, x, y):
         """One training step: ``(state, x, y) -> (new_state, per-task losses (K, P) before the step)``."""
-        values, grads, new_model_state, cache = self._losses_and_grads(state.params, state.model_state, x, y)
+        values, grads, new_model_state, cache = self._forward_and_grads(state.params, state.model_state, x, y)
         extra = {} if cache is None else {"feature_cache": cache}
         updates, opt_state = self.tx.update(
             grads, state.opt_state, state.params, losses=values, inputs=x, model_state=state.model_state, **extra
