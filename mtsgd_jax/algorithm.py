@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtsgd_jax import stein as _stein
 from mtsgd_jax._validation import leaf_paths, num_particles, tree_shapes_match
 from mtsgd_jax.targets import TargetFns, log_prob_value_and_loss_grads, stack_targets
 from mtsgd_jax.transforms import MTSGDState, SVGDState
@@ -199,6 +200,26 @@ def check_opt_state(opt_state: Any, expected: Any) -> None:
             )
 
 
+def resolve_axis_name(axis_name: str | None, contexts, where: str) -> str | None:
+    """The particle axis: ``axis_name`` if given, else the first stage's; a ValueError if they differ.
+
+    ``contexts`` are the :class:`~mtsgd_jax.stein.KernelContext` s announced
+    by the optimiser's stages (see :func:`~mtsgd_jax.stein.observe_contexts`);
+    stages built without an axis (``axis_name=None``) impose none.
+    """
+    stage_axes = [c.axis_name for c in contexts if c.axis_name is not None]
+    if axis_name is None:
+        return stage_axes[0] if stage_axes else None
+    for stage in stage_axes:
+        if stage != axis_name:
+            raise ValueError(
+                f"{where}: axis_name={axis_name!r} but the optimiser's Stein stage was built with "
+                f"axis_name={stage!r}; leave {where}'s axis_name=None to take the optimiser's, or build the "
+                f"optimiser with axis_name={axis_name!r} (e.g. mtsgd(K, axis_name={axis_name!r}))."
+            )
+    return axis_name
+
+
 def _check_optimizer(optimizer):
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update") and callable(optimizer.update)):
         raise TypeError(
@@ -226,9 +247,12 @@ def mtsgd_sampler(
       master_dtype: keep a copy of the particles in this floating dtype (e.g.
         ``jnp.float32`` for bfloat16 particles) that accumulates the updates;
         see :func:`~mtsgd_jax.sampling.sample`.
-      axis_name: when ``step`` runs inside ``shard_map`` with the particles
-        split over this mesh axis: ``StepInfo.nonfinite`` counts over all
-        devices. Build the optimiser for the same axis.
+      axis_name: the mesh axis the particles are split over when ``step``
+        runs inside ``shard_map`` (``StepInfo.nonfinite`` then counts over all
+        devices). ``None`` (default) takes it from the optimiser: the
+        ``axis_name`` its mtsgd/svgd/moo_svgd stage was built with (none
+        without such a stage). A value that differs from the stage's is a
+        ValueError when ``step`` is traced.
 
     Returns:
       A :class:`SamplingAlgorithm` with
@@ -266,6 +290,9 @@ def mtsgd_sampler(
     if axis_name is not None and not isinstance(axis_name, str):
         raise TypeError(f"axis_name must be a mesh axis name (str) or None, got {axis_name!r}.")
 
+    def check_axis(context):
+        resolve_axis_name(axis_name, [context], "mtsgd_sampler")
+
     def init(particles: PyTree, opt_state: Any = None) -> SamplerState:
         num_particles(particles)
         if opt_state is None:
@@ -280,15 +307,17 @@ def mtsgd_sampler(
     def step(state: SamplerState, *args) -> tuple[SamplerState, StepInfo]:
         x = state.particles
         values, grads = log_prob_value_and_loss_grads(target, x, *args)
-        updates, opt_state = optimizer.update(grads, state.opt_state, x)
+        with _stein.observe_contexts(check=check_axis) as contexts:
+            updates, opt_state = optimizer.update(grads, state.opt_state, x)
         check_step_output(updates, opt_state, x, state.opt_state)
+        axis = resolve_axis_name(axis_name, contexts, "mtsgd_sampler")
         if state.master is None:
             master = None
             new_x = optax.apply_updates(x, updates)
         else:  # accumulate in the master copy; the particles are its cast
             master = jax.tree_util.tree_map(lambda a, u: a + u.astype(a.dtype), state.master, updates)
             new_x = jax.tree_util.tree_map(lambda a, p: a.astype(p.dtype), master, x)
-        count = count_nonfinite(new_x, values, grads, axis_name)
+        count = count_nonfinite(new_x, values, grads, axis)
         weights, ksd = stein_diagnostics(opt_state, values.shape[0], diagnostics_dtype(x, state.master))
         return SamplerState(new_x, opt_state, master), StepInfo(values, weights, ksd, count)
 

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from mtsgd_jax import algorithm as _algorithm
+from mtsgd_jax import stein as _stein
 from mtsgd_jax._validation import leaf_paths, num_particles
 from mtsgd_jax.algorithm import find_stein_state, mtsgd_sampler
 from mtsgd_jax.targets import TargetFns, stack_targets
@@ -378,7 +379,7 @@ def _check_one_step(target, optimizer, master_dtype, mesh, axis_name, p_def, p_l
     """
     x = jax.tree_util.tree_unflatten(p_def, p_leaves)
     s = jax.tree_util.tree_unflatten(s_def, s_leaves)
-    algo = mtsgd_sampler(target, optimizer, master_dtype=master_dtype, axis_name=axis_name if mesh is not None else None)
+    algo = mtsgd_sampler(target, optimizer, master_dtype=master_dtype, axis_name=axis_name)
 
     def one(x, s):
         new, _ = algo.step(algo.init(x, s))
@@ -394,6 +395,56 @@ def _check_one_step(target, optimizer, master_dtype, mesh, axis_name, p_def, p_l
     s_specs = _state_specs(optimizer, x, m, axis_name)
     # step() raises while tracing; the output here is a placeholder
     jax.eval_shape(_shard_map(lambda x, s: (one(x, s), jnp.zeros(()))[1], mesh, (p_specs, s_specs), P()), x, s)
+
+
+@functools.lru_cache(maxsize=256)
+def _stage_context(target, optimizer, p_def, p_leaves, s_def, s_leaves):
+    """The :class:`~mtsgd_jax.stein.KernelContext` of the optimiser's first Stein stage (mtsgd, svgd,
+    moo_svgd), or ``None`` without one.
+
+    Found by tracing one step abstractly until that stage's ``update`` announces
+    its context (nothing after it is traced); cached like :func:`_check_one_step`.
+    """
+    x = jax.tree_util.tree_unflatten(p_def, p_leaves)
+    s = jax.tree_util.tree_unflatten(s_def, s_leaves)
+    algo = mtsgd_sampler(target, optimizer)
+
+    def one(x, s):
+        return algo.step(algo.init(x, s))[0].particles
+
+    try:
+        with _stein.observe_contexts(stop=True):
+            jax.eval_shape(one, x, s)
+    except _stein.ContextFound as found:
+        return found.context
+    return None
+
+
+def _particle_axis(axis_name, stage, mesh):
+    """The mesh axis that splits the particles: ``axis_name``, else the Stein stage's, else the mesh's only axis."""
+    stage_axis = None if stage is None else stage.axis_name
+    if mesh is None:
+        if stage_axis is not None:
+            raise ValueError(
+                f"sample: the optimiser's Stein stage was built for particles split over the mesh axis "
+                f"{stage_axis!r} (axis_name={stage_axis!r}), but no mesh was given; pass mesh= (a jax.sharding.Mesh "
+                f"with an axis {stage_axis!r}), or build the stage without axis_name for a single-device run."
+            )
+        if axis_name is not None:
+            raise ValueError(
+                f"sample: axis_name={axis_name!r} names a mesh axis, but no mesh was given; pass mesh= as well, "
+                "or leave axis_name=None."
+            )
+        return None
+    axis = _algorithm.resolve_axis_name(axis_name, [] if stage is None else [stage], "sample")
+    if axis is None:
+        if len(mesh.axis_names) != 1:
+            raise ValueError(
+                f"sample: the mesh has the axes {mesh.axis_names} and the optimiser names none of them; pass "
+                f"axis_name= (the axis that splits the particles), e.g. axis_name={mesh.axis_names[0]!r}."
+            )
+        axis = mesh.axis_names[0]
+    return axis
 
 
 def _report(result, on_nonfinite, num_steps, m):
@@ -422,7 +473,7 @@ def sample(
     trace_every: int = 0,
     progress_bar: bool = False,
     mesh=None,
-    axis_name: str = "particles",
+    axis_name: str | None = None,
     master_dtype=None,
     on_nonfinite: str = "warn",
 ) -> SampleResult:
@@ -458,15 +509,20 @@ def sample(
       progress_bar: show a tqdm progress bar (updated from the compiled loop
         about 100 times).
       mesh: a ``jax.sharding.Mesh`` to split the particles over its
-        ``axis_name`` axis: every device runs the loop on its M / D particles
+        particle axis: every device runs the loop on its M / D particles
         inside ``shard_map`` and the particle interactions communicate. Build
-        the optimiser for that axis (``mtsgd(K, axis_name=axis_name)``,
-        ``svgd(axis_name=...)``, ``moo_svgd(K, axis_name=...)``; ``mgda`` and
-        ``linear_scalarization`` with shared weights need no communication),
-        otherwise every device would sample on its own. Particles, per-particle
-        optimiser state and the trace stay sharded; the non-finite counts
-        cover all devices. See :func:`shard_particles`.
-      axis_name: the mesh axis that splits the particles.
+        the optimiser's Stein stage for that axis (``mtsgd(K,
+        axis_name="particles")``, ``svgd(axis_name=...)``, ``moo_svgd(K,
+        axis_name=...)``; ``mgda`` and ``linear_scalarization`` with shared
+        weights need no communication); a stage built without one samples on
+        every device on its own. Particles, per-particle optimiser state and
+        the trace stay sharded; the non-finite counts cover all devices. See
+        :func:`shard_particles`.
+      axis_name: the mesh axis that splits the particles. ``None`` (default)
+        takes the ``axis_name`` the optimiser's Stein stage was built with,
+        or, when it names none, the mesh's only axis. A value that differs
+        from the stage's is a ValueError, and so is a stage built with an
+        axis (or an ``axis_name`` here) without ``mesh``.
       master_dtype: mixed precision for low-precision particles (e.g.
         bfloat16): keep a copy of the particles in this dtype (e.g.
         ``jnp.float32``) inside the loop and add the updates to it; the
@@ -524,20 +580,24 @@ def sample(
                 f"{name} must be hashable (it is a static argument of the compiled loop), got an unhashable "
                 f"{type(obj).__name__}; pass a function or a tuple of functions."
             ) from None
-    if mesh is not None:
-        _check_mesh(particles, mesh, axis_name)
+    if axis_name is not None and not isinstance(axis_name, str):
+        raise TypeError(f"sample: axis_name must be a mesh axis name (str) or None, got {axis_name!r}.")
     if master_dtype is not None:
         master_dtype = jnp.dtype(master_dtype)
         if not jnp.issubdtype(master_dtype, jnp.floating):
             raise ValueError(f"master_dtype must be a floating dtype (e.g. jnp.float32), got {master_dtype}.")
     if opt_state is None:
         opt_state = optimizer.init(particles)
+    abstract = (*_abstract(particles), *_abstract(opt_state))
+    axis_name = _particle_axis(axis_name, _stage_context(target, optimizer, *abstract), mesh)
+    if mesh is not None:
+        _check_mesh(particles, mesh, axis_name)
     if on_nonfinite == "raise" and any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(particles)):
         raise ValueError(
             "on_nonfinite='raise' needs the run's counts, which are not known while sample is traced inside "
             "jax.jit; call sample outside jit, or use on_nonfinite='warn' / 'ignore' and check result.nonfinite."
         )
-    _check_one_step(target, optimizer, master_dtype, mesh, axis_name, *_abstract(particles), *_abstract(opt_state))
+    _check_one_step(target, optimizer, master_dtype, mesh, axis_name, *abstract)
     progress_every = max(1, num_steps // 100) if progress_bar and num_steps else 0
     pid = next(_BAR_IDS) % (2**31 - 1)
     if progress_every:

@@ -146,15 +146,18 @@ class ContextFound(Exception):
 
 
 @contextlib.contextmanager
-def observe_contexts(*, stop: bool = False) -> Iterator[list]:
+def observe_contexts(*, stop: bool = False, check: Callable[[KernelContext], None] | None = None) -> Iterator[list]:
     """Collect the :class:`KernelContext` of every transformation whose ``update`` runs (is traced) inside.
 
-    Yields a list that fills in call order. With ``stop=True`` the first
-    announcement raises :class:`ContextFound` instead, which ends an abstract
-    trace as soon as the context is known (nothing after it is traced).
+    Yields a list that fills in call order. ``check(context)`` runs on each
+    announcement before anything else (it may raise, e.g. on a mesh axis
+    that disagrees, before the update issues a collective). With
+    ``stop=True`` the first announcement raises :class:`ContextFound`
+    instead of returning, which ends an abstract trace as soon as the
+    context is known (nothing after it is traced).
     """
     seen: list = []
-    token = _OBSERVERS.set(_OBSERVERS.get() + ((seen, stop),))
+    token = _OBSERVERS.set(_OBSERVERS.get() + ((seen, stop, check),))
     try:
         yield seen
     finally:
@@ -162,11 +165,13 @@ def observe_contexts(*, stop: bool = False) -> Iterator[list]:
 
 
 def announce_context(context: KernelContext) -> None:
-    """Called by a transformation's ``update``: report ``context`` to the active observers (no effect otherwise)."""
+    """Called by a transformation's ``update`` first thing: report ``context`` to the active observers (no effect otherwise)."""
     observers = _OBSERVERS.get()
-    for seen, _ in observers:
+    for seen, _, check in observers:
+        if check is not None:
+            check(context)
         seen.append(context)
-    if any(stop for _, stop in observers):
+    if any(stop for _, stop, _ in observers):
         raise ContextFound(context)
 
 
