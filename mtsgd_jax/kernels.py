@@ -60,6 +60,7 @@ __all__ = [
     "kernel_matrices",
     "KernelProducts",
     "kernel_products",
+    "auto_block_size",
     "check_kernel",
 ]
 
@@ -300,30 +301,86 @@ def _symmetric_sq_dists(zc: Array) -> Array:
     return jnp.where(i[:, None] == i[None, :], jnp.zeros((), r2.dtype), r2)
 
 
-def _kth_smallest(values: Array, k) -> Array:
-    """k-th smallest (0-based) entry of a non-negative vector, by the same bit-pattern bisection."""
-    itype = jnp.int64 if values.dtype == jnp.float64 else jnp.int32
-    bits = jax.lax.bitcast_convert_type(values, itype)
-    hi0 = jax.lax.bitcast_convert_type(jnp.asarray(jnp.inf, values.dtype), itype)
-
-    def body(_, lohi):
-        lo, hi = lohi
-        mid = lo + (hi - lo) // 2
-        above = jnp.sum(bits <= mid, dtype=itype) > k
-        return jnp.where(above, lo, mid + 1), jnp.where(above, mid, hi)
-
-    _, hi = jax.lax.fori_loop(0, jnp.iinfo(itype).bits - 1, body, (jnp.zeros((), itype), hi0), unroll=4)
-    return jax.lax.bitcast_convert_type(hi, values.dtype)
+# ----------------------------------------------------------------------------- exact selection
+#
+# Every median here is one radix selection on the bit patterns of non-negative floats (whose
+# order as integers is their order as numbers): each pass histograms the next ``w`` bits of the
+# values that share the bits already fixed, and the bucket holding the wanted rank fixes ``w``
+# more bits. The counts are integers, summed over row blocks and (``psum``) devices, so every
+# way of visiting the pairs selects the same value.
 
 
-# Up to this M the distinct pairs are gathered once into a vector (half the entries, read
-# contiguously: 2-5x faster per bisection pass); above it the passes run over the matrix.
-_TRIANGLE_MAX_M = 2048
+def _count_dtype(n_max: int):
+    """Integer dtype for pair counts up to ``n_max``: int64 when jax's x64 mode is on, else int32 (checked)."""
+    if jax.config.jax_enable_x64:
+        return jnp.int64
+    if n_max >= 2**31:
+        raise ValueError(
+            f"median bandwidth: {n_max} distinct pairs do not fit the int32 counts available without 64-bit "
+            "mode (more than 46,341 particles); enable it with jax.config.update('jax_enable_x64', True) "
+            "(float32 particles stay float32), or pass a fixed bandwidth, e.g. rbf(1.0)."
+        )
+    return jnp.int32
 
 
-def _median_counts(nv, itype):
+def _radix_widths(dtype, n_values: int) -> tuple[int, ...]:
+    """Bits histogrammed per pass: 31 (float32) or 63 (float64) value bits in equal passes.
+
+    A pass's fixed cost is its ``2^w`` bins, so ``w`` grows with the number of values
+    scanned (about ``log2(n) - 4``, between 6 and 16): 2 passes for float32 from about
+    10^6 values, 3 from 3 10^4; float64 takes twice as many.
+    """
+    total = 63 if dtype == jnp.float64 else 31
+    w = int(min(16, max(6, math.floor(math.log2(max(n_values, 2))) - 4)))
+    passes = -(-total // w)
+    base, extra = divmod(total, passes)
+    return tuple(base + (1 if i < extra else 0) for i in range(passes))
+
+
+def _histogram(bits: Array, include: Array, shift: int, width: int, prefix: Array, ctype):
+    """One pass over some values: counts (2^width,) of the included ``bits`` whose bits above
+    ``shift + width`` equal ``prefix``, by their next ``width`` bits; and the smallest included
+    bit pattern whose high part exceeds ``prefix`` (the int maximum when none does)."""
+    hi = jax.lax.shift_right_logical(bits, jnp.asarray(shift + width, bits.dtype))
+    nbins = 1 << width
+    bucket = jax.lax.shift_right_logical(bits, jnp.asarray(shift, bits.dtype)) & (nbins - 1)
+    bucket = jnp.where(include & (hi == prefix), bucket, nbins)
+    counts = jnp.zeros(nbins, ctype).at[bucket.reshape(-1)].add(jnp.ones((), ctype), mode="drop")
+    big = jnp.iinfo(bits.dtype).max
+    above = jnp.min(jnp.where(include & (hi > prefix), bits, big))
+    return counts, above
+
+
+def _radix_select(histogram: Callable, k: Array, widths: tuple[int, ...], itype, ctype):
+    """The k-th smallest (0-based) of a multiset of non-negative float bit patterns.
+
+    ``histogram(shift, width, prefix)`` returns :func:`_histogram`'s pair over the whole
+    multiset (summed over blocks and devices by the caller). Returns ``(lower, n_leq, upper)``:
+    the k-th smallest pattern, how many values are <= it, and the smallest pattern above it
+    (the int maximum when there is none).
+    """
+    shift = sum(widths)
+    prefix = jnp.zeros((), itype)
+    rem = jnp.asarray(k, ctype)
+    below = jnp.zeros((), ctype)
+    for width in widths:
+        shift -= width
+        counts, above = histogram(shift, width, prefix)
+        cum = jnp.cumsum(counts)
+        b = jnp.sum(cum <= rem).astype(itype)  # the bucket holding rank rem
+        before = jnp.where(b > 0, cum[jnp.maximum(b - 1, 0)], 0).astype(ctype)
+        rem, below = rem - before, below + before
+        last_prefix, prefix = prefix, (prefix << width) | b
+    nbins = 1 << widths[-1]
+    idx = jnp.arange(nbins, dtype=itype)
+    nxt = jnp.min(jnp.where((idx > b) & (counts > 0), idx, nbins))
+    upper = jnp.where(nxt < nbins, (last_prefix << widths[-1]) | nxt, above)
+    return prefix, below + counts[b], upper
+
+
+def _median_counts(nv, ctype):
     """Number of distinct pairs among ``nv`` particles and the 0-based index of the lower median."""
-    nv = jnp.asarray(nv, itype)
+    nv = jnp.asarray(nv, ctype)
     n = nv * (nv - 1) // 2
     return nv, n, jnp.maximum(n - 1, 0) // 2
 
@@ -332,21 +389,44 @@ def _finish_median(lower, n_leq, upper, total, n, nv, dtype):
     """Median (average of the two middle values for even n), fallbacks, and the division by log(nv + 1)."""
     med = jnp.where(n % 2 == 1, lower, 0.5 * (lower + jnp.where(n_leq > n // 2, lower, upper)))
     mean = total / jnp.maximum(n, 1).astype(total.dtype)
-    log_n = jnp.log(nv.astype(dtype) + 1.0)
+    # the barrier keeps a compile-time-constant M from being folded with the compiler's own log,
+    # which can differ from the run-time log by an ulp: every path then divides by the same value
+    log_n = jnp.log(jax.lax.optimization_barrier(nv).astype(dtype) + 1.0)
     tiny = jnp.finfo(dtype).tiny * 1e3
     scale = jnp.where(med > tiny, med, jnp.where(mean > tiny, mean, log_n))
     return jnp.where(nv >= 2, scale / log_n, jnp.ones((), dtype))
 
 
+def _select_median(histogram: Callable, nv, n_values: int, n_max: int, dtype, total) -> Array:
+    """The median bandwidth from a pair histogram over ``nv`` particles' distinct pairs
+    (``n_values`` scanned per pass, at most ``n_max`` pairs) and their distance sum ``total``."""
+    itype = jnp.int64 if dtype == jnp.float64 else jnp.int32
+    ctype = _count_dtype(n_max)
+    nv, n, k = _median_counts(nv, ctype)
+    lower, n_leq, upper = _radix_select(histogram, k, _radix_widths(dtype, n_values), itype, ctype)
+    as_float = lambda b: jax.lax.bitcast_convert_type(b, dtype)  # noqa: E731
+    return _finish_median(as_float(lower), n_leq, as_float(upper), total, n, nv, dtype)
+
+
+def _vector_histogram(bits: Array, include: Array, ctype):
+    return lambda shift, width, prefix: _histogram(bits, include, shift, width, prefix, ctype)
+
+
+# Up to this M the distinct pairs are gathered once into a vector (half the entries, read
+# contiguously); above it the passes run over the matrix with the lower triangle masked.
+_TRIANGLE_MAX_M = 2048
+
+
 def median_bandwidth(r2: Array, *, valid: Array | None = None) -> Array:
     """Median-heuristic bandwidth from an (M, M) matrix of squared distances.
 
-    ``r2`` must be symmetric with a zero diagonal (as returned by
-    :func:`pairwise_sq_dists`). Returns ``median{r2[a, b] : a < b} / log(M + 1)``
-    with the fallbacks of the module docstring (mean of distinct-pair distances
-    if the median is 0; 1 if all particles coincide or M = 1). The median is
-    exact, found by a sort-free bisection (much faster than ``jnp.median`` on
-    CPU). The result carries no gradient.
+    ``r2`` must hold the distances of distinct pairs in its upper triangle (as
+    :func:`pairwise_sq_dists` returns; the rest is not read). Returns
+    ``median{r2[a, b] : a < b} / log(M + 1)`` with the fallbacks of the module
+    docstring (mean of distinct-pair distances if the median is 0; 1 if all
+    particles coincide or M = 1). The median is exact: a radix selection on the
+    float bit patterns, 2-6 histogram passes (see :func:`kernel_products`). The
+    result carries no gradient.
 
     Args:
       r2: (M, M) squared distances.
@@ -356,35 +436,28 @@ def median_bandwidth(r2: Array, *, valid: Array | None = None) -> Array:
     """
     m = r2.shape[0]
     dtype = r2.dtype
+    if m < 2:
+        return jnp.ones((), dtype)
     work = jax.lax.stop_gradient(r2)
     if dtype not in (jnp.float32, jnp.float64):
         work = work.astype(jnp.float32)
     wdtype = work.dtype
     itype = jnp.int64 if wdtype == jnp.float64 else jnp.int32
-    if m < 2:
-        return jnp.ones((), dtype)
-    if valid is None:
-        nv = m
-    else:
-        pair_ok = valid[:, None] & valid[None, :]
-        work = jnp.where(pair_ok, work, jnp.inf)
-        nv = jnp.sum(valid, dtype=itype)
-    nv, n, k = _median_counts(nv, itype)
+    ctype = _count_dtype(m * (m - 1) // 2)
+    ok = jnp.ones((m,), bool) if valid is None else jnp.asarray(valid, bool)
+    nv = jnp.sum(ok, dtype=ctype)
     if m <= _TRIANGLE_MAX_M:
         rows, cols = np.triu_indices(m, 1)
         pairs = work.reshape(-1)[jnp.asarray(rows * m + cols)]
-        lower = _kth_smallest(pairs, k)
-        n_leq = jnp.sum(pairs <= lower, dtype=itype)
-        above = pairs
-        total = jnp.sum(jnp.where(pairs < jnp.inf, pairs, 0))
-    else:  # the upper triangle in place (+inf elsewhere): no reliance on exact symmetry
+        include = ok[jnp.asarray(rows)] & ok[jnp.asarray(cols)]
+    else:
         i = jnp.arange(m)
-        above = jnp.where(i[:, None] < i[None, :], work, jnp.inf).reshape(-1)
-        lower = _kth_smallest(above, k)
-        n_leq = jnp.sum(above <= lower, dtype=itype)
-        total = jnp.sum(jnp.where(above < jnp.inf, above, 0))
-    upper = jnp.min(jnp.where(above > lower, above, jnp.inf))
-    return _finish_median(lower, n_leq, upper, total, n, nv, wdtype).astype(dtype)
+        pairs = work
+        include = (i[:, None] < i[None, :]) & ok[:, None] & ok[None, :]
+    total = jnp.sum(jnp.where(include, pairs, 0))
+    bits = jax.lax.bitcast_convert_type(pairs, itype)
+    hist = _vector_histogram(bits, include, ctype)
+    return _select_median(hist, nv, pairs.size, m * (m - 1) // 2, wdtype, total).astype(dtype)
 
 
 class KernelMatrices(NamedTuple):
@@ -419,13 +492,171 @@ def _masked_derivatives(kernel: RadialKernel, r2: Array, h: Array, pair_ok: Arra
     return u, jnp.where(pair_ok, f, 0), jnp.where(pair_ok, df, 0), jnp.where(pair_ok, d2f, 0)
 
 
+# ----------------------------------------------------------------------------- row blocks
+
+
+# Automatic block size: a block's (B, M) intermediates are sized to about this many entries
+# (measured on CPU: 2-3x faster than one (M, M) pass from M = 2000, as fast below) ...
+_BLOCK_TARGET_ENTRIES = 1 << 20
+# ... with at least this many rows (fewer make the per-block GEMMs inefficient) ...
+_BLOCK_MIN_ROWS = 32
+# ... within this memory budget for the block's working set, in bytes.
+_BLOCK_MEMORY_BUDGET = 256 << 20
+
+
+def auto_block_size(m: int, p: int, n: int = 1, *, itemsize: int = 4, memory_budget: int | None = None) -> int:
+    """The block size :func:`kernel_products` uses when given ``block_size=None``.
+
+    The rule: ``B = 2^round(log2(2^20 / M))`` rows (about a million entries
+    per (B, M) intermediate), at least 32, then lowered to a power of two so
+    that the block's working set, about ``(p + n + 4) B M itemsize`` bytes,
+    fits ``memory_budget`` (default 256 MiB), at least 1 and at most M.
+    E.g. d = 2, float32: B = M up to M = 1024, 512 at 2,000, 64 at 20,000,
+    32 at 100,000.
+
+    Args:
+      m: number of particles M (all devices together).
+      p: point dimension.
+      n: number of columns of the smoothed vectors.
+      itemsize: bytes per entry (4 for float32).
+      memory_budget: bytes for one block's intermediates.
+    """
+    budget = _BLOCK_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    m = max(int(m), 1)
+    b = max(_BLOCK_MIN_ROWS, 1 << max(0, round(math.log2(_BLOCK_TARGET_ENTRIES / m))))
+    per_row = (p + n + 4) * m * itemsize
+    while b > 1 and b * per_row > budget:
+        b //= 2
+    return int(min(b, m))
+
+
+class _Blocks(NamedTuple):
+    """A particle set in row blocks: the centred points of ALL devices padded to whole blocks.
+
+    ``z`` (NB B, p) and ``ok`` (NB B,) (False on padding and excluded rows);
+    ``mine`` (nb,) are the global indices of the blocks whose rows this device
+    owns, ``size`` B and ``count`` NB are static.
+    """
+
+    z: Array
+    ok: Array
+    mine: Array
+    size: int
+    count: int
+
+
+def _make_blocks(z: Array, ok: Array, block_size: int, axis_name) -> tuple[_Blocks, Array]:
+    """Pad this device's rows ``z`` (m, p), ``ok`` (m,) to whole blocks, gather all devices' rows,
+    centre them on an included particle. Returns the blocks and the (m,) row mask."""
+    m = z.shape[0]
+    b = min(block_size, m)
+    nb = -(-m // b)
+    pad = nb * b - m
+    if pad:
+        z = jnp.concatenate([z, jnp.zeros((pad,) + z.shape[1:], z.dtype)])
+        ok = jnp.concatenate([ok, jnp.zeros((pad,), bool)])
+    if axis_name is None:
+        first, n_dev = 0, 1
+    else:
+        z = jax.lax.all_gather(z, axis_name, tiled=True)
+        ok = jax.lax.all_gather(ok, axis_name, tiled=True)
+        n_dev = z.shape[0] // (nb * b)
+        first = jax.lax.axis_index(axis_name) * nb
+    zc, ok = _prepare(z, ok)
+    mine = first + jnp.arange(nb)
+    return _Blocks(zc, ok, mine, b, nb * n_dev), ok
+
+
+def _block_rows(blocks: _Blocks, i) -> tuple[Array, Array]:
+    b = blocks.size
+    return jax.lax.dynamic_slice_in_dim(blocks.z, i * b, b), jax.lax.dynamic_slice_in_dim(blocks.ok, i * b, b)
+
+
+def _pair_histogram(blocks: _Blocks, itype, ctype, axis_name):
+    """:func:`_histogram` over the distinct pairs of ``blocks``, each visited once.
+
+    Row block i meets blocks i, i+1, ..., i + NB//2 (cyclically): block pairs at
+    cyclic distance s < NB/2 are visited from one side only, the diagonal block
+    through its upper triangle, and for even NB the pairs at distance NB/2 from
+    the blocks i < NB/2. So the passes read about M^2 / 2 distances.
+    """
+    b, nbt = blocks.size, blocks.count
+    reach = nbt // 2
+    cols = (reach + 1) * b
+    zz = jnp.concatenate([blocks.z, blocks.z[: reach * b]])
+    okz = jnp.concatenate([blocks.ok, blocks.ok[: reach * b]])
+    lr = jnp.arange(b)
+    lc = jnp.arange(cols)
+    s = lc // b  # cyclic block distance of each column
+
+    def included(i, ok_rows, ok_cols):
+        diag = (s[None, :] == 0) & (lc[None, :] > lr[:, None])
+        side = ((s > 0) & (2 * s < nbt))[None, :] | ((2 * s == nbt)[None, :] & (i < reach))
+        return (diag | side) & ok_rows[:, None] & ok_cols[None, :]
+
+    def histogram(shift, width, prefix):
+        def one(i):
+            zb, okb = _block_rows(blocks, i)
+            zc = jax.lax.dynamic_slice_in_dim(zz, i * b, cols)
+            okc = jax.lax.dynamic_slice_in_dim(okz, i * b, cols)
+            r2 = _centred_sq_dists(zb, zc)
+            bits = jax.lax.bitcast_convert_type(r2, itype)
+            return _histogram(bits, included(i, okb, okc), shift, width, prefix, ctype)
+
+        counts, above = jax.lax.map(one, blocks.mine)
+        counts, above = jnp.sum(counts, axis=0), jnp.min(above)
+        if axis_name is not None:
+            counts, above = jax.lax.psum(counts, axis_name), jax.lax.pmin(above, axis_name)
+        return counts, above
+
+    return histogram, blocks.count * b * cols // 2
+
+
+def _pair_distance_sum(blocks: _Blocks, ctype, axis_name=None) -> tuple[Array, Array]:
+    """(number n of included points, sum of their distinct pairs' squared distances) from the points
+    alone: ``sum_{a<b} |z_a - z_b|^2 = n sum_a |z_a - mean|^2``, each device summing its own rows."""
+    p = blocks.z.shape[1]
+    zl = blocks.z.reshape(blocks.count, blocks.size, p)[blocks.mine].reshape(-1, p)
+    okl = blocks.ok.reshape(blocks.count, blocks.size)[blocks.mine].reshape(-1)
+    psum = (lambda a: a) if axis_name is None else (lambda a: jax.lax.psum(a, axis_name))  # noqa: E731
+    n = psum(jnp.sum(okl, dtype=ctype))
+    nf = n.astype(zl.dtype)
+    mean = psum(jnp.sum(jnp.where(okl[:, None], zl, 0), axis=0)) / jnp.maximum(nf, 1)
+    dev = jnp.where(okl[:, None], zl - mean, 0)
+    return n, nf * psum(jnp.sum(dev * dev))
+
+
+def _blocks_median(blocks: _Blocks, axis_name=None) -> Array:
+    """Median bandwidth of the included points of ``blocks`` (the module docstring's convention)."""
+    z = jax.lax.stop_gradient(blocks.z)
+    if z.dtype not in (jnp.float32, jnp.float64):
+        z = z.astype(jnp.float32)
+    blocks = blocks._replace(z=z)
+    dtype = z.dtype
+    m_total = blocks.count * blocks.size
+    if m_total < 2:
+        return jnp.ones((), dtype)
+    itype = jnp.int64 if dtype == jnp.float64 else jnp.int32
+    n_max = m_total * (m_total - 1) // 2
+    ctype = _count_dtype(n_max)
+    nv, total = _pair_distance_sum(blocks, ctype, axis_name)
+    hist, n_scanned = _pair_histogram(blocks, itype, ctype, axis_name)
+    return _select_median(hist, nv, n_scanned, n_max, dtype, total)
+
+
+# ----------------------------------------------------------------------------- kernel matrices
+
+
 def _kernel_matrices(kernel: RadialKernel, zc: Array, ok: Array | None) -> KernelMatrices:
     """:func:`kernel_matrices` on points already prepared by :func:`_prepare` (``ok`` None: no exclusions)."""
-    r2 = _centred_sq_dists(zc, zc)  # the median reads the upper triangle only: no need to mirror it
-    i = jnp.arange(zc.shape[0])
+    m = zc.shape[0]
+    r2 = _centred_sq_dists(zc, zc)
+    i = jnp.arange(m)
     r2 = jnp.where(i[:, None] == i[None, :], jnp.zeros((), r2.dtype), r2)
     if isinstance(kernel.bandwidth, str):
-        h = median_bandwidth(r2, valid=ok)
+        okm = jnp.ones((m,), bool) if ok is None else ok
+        blocks = _Blocks(zc, okm, jnp.zeros((1,), jnp.int32), m, 1)
+        h = _blocks_median(blocks).astype(zc.dtype)
     else:
         h = jnp.asarray(kernel.bandwidth, dtype=zc.dtype)
     pair_ok = None if ok is None else ok[:, None] & ok[None, :]
@@ -449,8 +680,10 @@ def kernel_matrices(kernel: RadialKernel, x: Array, *, valid: Array | None = Non
         others (finite, meaningless).
 
     Returns:
-      :class:`KernelMatrices` with (M, M) entries and a scalar bandwidth. The
-      distances are taken on points centred on an included particle (see :func:`pairwise_sq_dists` for their accuracy).
+      :class:`KernelMatrices` with (M, M) entries and a scalar bandwidth
+      (the same value :func:`kernel_products` selects). The distances are
+      taken on points centred on an included particle (see
+      :func:`pairwise_sq_dists` for their accuracy).
     """
     zc, ok = _prepare(x, valid)
     return _kernel_matrices(kernel, zc, ok)
@@ -486,117 +719,26 @@ def _check_block_size(block_size):
     if block_size is None:
         return None
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}.")
+        raise ValueError(
+            f"block_size must be a positive int or None (automatic), got {block_size!r}; "
+            "pass e.g. block_size=512, or None to let kernel_products choose."
+        )
     return int(block_size)
 
 
-class _Rows(NamedTuple):
-    """Some rows of a particle set, padded to whole blocks: (nb, B, p) points, global indices, inclusion.
+def _difference_sums(w: Array, z: Array, z_rows: Array) -> Array:
+    """``sum_a w_ma (z_a - z_m)`` for p <= 4: (B, p) from ``w`` (B, N), ``z`` (N, p), ``z_rows`` (B, p).
 
-    ``valid`` is False on padding rows and on excluded particles' rows.
+    Every term is a coordinate difference (no cancellation); the B p row sums
+    are ONE matrix-vector product of the stacked weighted differences, so the
+    differences are formed inside a single fused pass.
     """
-
-    blocks: Array
-    index: Array
-    valid: Array
-
-
-def _row_blocks(z_rows: Array, block_size: int | None, offset=0, ok: Array | None = None) -> _Rows:
-    """Split ``z_rows`` (rows ``offset ...`` of the whole set) into blocks of ``block_size`` rows."""
-    m = z_rows.shape[0]
-    b = m if block_size is None else min(block_size, m)
-    nb = -(-m // b)
-    pad = nb * b - m
-    zp = jnp.concatenate([z_rows, jnp.zeros((pad,) + z_rows.shape[1:], z_rows.dtype)]) if pad else z_rows
-    local = jnp.arange(nb * b).reshape(nb, b)
-    valid = local < m
-    if ok is not None:
-        okp = jnp.concatenate([ok, jnp.zeros((pad,), bool)]) if pad else ok
-        valid = valid & okp.reshape(nb, b)
-    return _Rows(zp.reshape(nb, b, *z_rows.shape[1:]), local + offset, valid)
-
-
-def _block_sq_dists(zb: Array, rows: Array, z: Array) -> Array:
-    """Rows ``rows`` of the squared distances of the centred points ``z``: (B, M), exact zeros where the column is the row."""
-    r2 = _centred_sq_dists(zb, z)
-    return jnp.where(rows[:, None] == jnp.arange(z.shape[0])[None, :], jnp.zeros((), r2.dtype), r2)
-
-
-def _blocked_pair_reduce(z: Array, rows: _Rows, fn: Callable, init, combine=jnp.add, axis_name=None, ok=None):
-    """Fold ``combine`` over row blocks of ``fn(r2_block, upper)``; ``upper`` marks the included pairs a < b.
-
-    ``z`` are the centred points; ``ok`` (M,) marks the included columns. With
-    ``axis_name`` the rows are this device's share and the result is combined
-    across devices (``psum`` / ``pmin``).
-    """
-    cols = jnp.arange(z.shape[0])
-    col_ok = jnp.ones(z.shape[0], bool) if ok is None else ok
-
-    def per_block(blk):
-        zb, r, valid = blk
-        r2 = _block_sq_dists(zb, r, z)
-        upper = (cols[None, :] > r[:, None]) & valid[:, None] & col_ok[None, :]
-        return fn(r2, upper)
-
-    # Per-block results stacked (scalars), then folded: no loop carry, so the same code runs
-    # unchanged inside shard_map (where a carry would have to be marked device-varying).
-    stacked = jax.lax.map(per_block, tuple(rows))
-    reduce = jnp.min if combine is jnp.minimum else jnp.sum
-    out = jax.tree_util.tree_map(lambda a, i: combine(i, reduce(a, axis=0).astype(i.dtype)), stacked, init)
-    if axis_name is not None:
-        collective = jax.lax.pmin if combine is jnp.minimum else jax.lax.psum
-        out = jax.tree_util.tree_map(lambda a: collective(a, axis_name), out)
-    return out
-
-
-def _blocked_median_bandwidth(z: Array, rows: _Rows, axis_name=None, ok: Array | None = None, num_ok=None) -> Array:
-    """:func:`median_bandwidth` of the centred points ``z`` in O(block_size * M) memory.
-
-    The same exact bisection on float bit patterns as the unblocked path, each
-    pass's count accumulated over row blocks (and devices), the distances
-    recomputed per pass. ``ok`` (M,) marks the included particles and
-    ``num_ok`` is their number (device-invariant when sharded: a ``psum``).
-    """
-    m = z.shape[0]
-    if m < 2:
-        return jnp.ones((), z.dtype)
-    z = jax.lax.stop_gradient(z)
-    if z.dtype not in (jnp.float32, jnp.float64):
-        z = z.astype(jnp.float32)
-        rows = rows._replace(blocks=rows.blocks.astype(jnp.float32))
-    dtype = z.dtype
-    itype = jnp.int64 if dtype == jnp.float64 else jnp.int32
-    nv, n, k = _median_counts(m if num_ok is None else num_ok, itype)
-
-    def reduce(fn, init, combine=jnp.add):
-        return _blocked_pair_reduce(z, rows, fn, init, combine, axis_name, ok)
-
-    def count_leq(threshold_bits):
-        def fn(r2, upper):
-            return jnp.sum(upper & (jax.lax.bitcast_convert_type(r2, itype) <= threshold_bits), dtype=itype)
-
-        return reduce(fn, jnp.zeros((), itype))
-
-    def body(_, lohi):
-        lo, hi = lohi
-        mid = lo + (hi - lo) // 2
-        above = count_leq(mid) > k
-        return jnp.where(above, lo, mid + 1), jnp.where(above, mid, hi)
-
-    hi0 = jax.lax.bitcast_convert_type(jnp.asarray(jnp.inf, dtype), itype)
-    _, hi = jax.lax.fori_loop(0, jnp.iinfo(itype).bits - 1, body, (jnp.zeros((), itype), hi0))
-    lower = jax.lax.bitcast_convert_type(hi, dtype)
-
-    def sums(r2, upper):
-        return jnp.sum(jnp.where(upper, r2, 0.0)), jnp.sum(upper & (r2 <= lower), dtype=itype)
-
-    total, n_leq = reduce(sums, (jnp.zeros((), dtype), jnp.zeros((), itype)))
-    upper = reduce(
-        lambda r2, upper: jnp.min(jnp.where(upper & (r2 > lower), r2, jnp.inf)),
-        jnp.asarray(jnp.inf, dtype),
-        combine=jnp.minimum,
-    )
-    return _finish_median(lower, n_leq, upper, total, n, nv, dtype)
+    b, p = z_rows.shape
+    if p == 0:
+        return jnp.zeros((b, 0), jnp.result_type(w, z))
+    stacked = jnp.concatenate([w * (z[None, :, j] - z_rows[:, j, None]) for j in range(p)], axis=0)
+    sums = jnp.matmul(stacked, jnp.ones((z.shape[0], 1), stacked.dtype), precision=jax.lax.Precision.HIGHEST)
+    return sums.reshape(p, b).T
 
 
 def _repulsion(dk: Array, z: Array, z_rows: Array | None = None, rows: Array | None = None) -> Array:
@@ -623,13 +765,48 @@ def _repulsion(dk: Array, z: Array, z_rows: Array | None = None, rows: Array | N
     z_rows = z if z_rows is None else z_rows
     p = z.shape[1]
     if p <= _DIRECT_MAX_DIM:
-        if p == 0:
-            return jnp.zeros((dk.shape[0], 0), jnp.result_type(dk, z))
-        cols = [jnp.sum(dk * (z[None, :, j] - z_rows[:, j, None]), axis=1) for j in range(p)]
-        return 2.0 * jnp.stack(cols, axis=1)
+        return 2.0 * _difference_sums(dk, z, z_rows)
     rows = jnp.arange(dk.shape[0]) if rows is None else rows
     dk0 = jnp.where(rows[:, None] == jnp.arange(z.shape[0])[None, :], jnp.zeros((), dk.dtype), dk)
     return 2.0 * (jnp.matmul(dk0, z, precision=jax.lax.Precision.HIGHEST) - jnp.sum(dk0, axis=1)[:, None] * z_rows)
+
+
+def _block_sums(kernel: RadialKernel, h: Array, blocks: _Blocks, v: Array, i):
+    """Row block ``i``: (``Kmat @ V`` rows (B, n), repulsion rows (B, p), trace partial sum).
+
+    One pass per block: the (B, NB B) distances, the profile and its derivatives
+    once, ``f @ V`` as a GEMM and the repulsion and trace row sums as one
+    matrix-vector product of the stacked per-pair terms. Excluded columns are
+    removed by zero weights (their rows of ``V`` are zero already), excluded rows
+    at the end.
+    """
+    zb, okb = _block_rows(blocks, i)
+    z = blocks.z
+    p = z.shape[1]
+    b = blocks.size
+    rows = i * b + jnp.arange(b)
+    r2 = _centred_sq_dists(zb, z)
+    if p > _DIRECT_MAX_DIM:
+        r2 = jnp.where(rows[:, None] == jnp.arange(z.shape[0])[None, :], jnp.zeros((), r2.dtype), r2)
+    col = blocks.ok.astype(r2.dtype)[None, :]
+    u = jnp.where(blocks.ok[None, :], r2 / h, 0)
+    f, df, d2f = kernel.derivatives(u)
+    kv = jnp.matmul(f.astype(v.dtype), v)
+    dfc = df * col
+    tr_terms = (-2.0 * p * dfc - 4.0 * u * (d2f * col))
+    if p <= _DIRECT_MAX_DIM:
+        stacked = jnp.concatenate([dfc * (z[None, :, j] - zb[:, j, None]) for j in range(p)] + [tr_terms], axis=0)
+        sums = jnp.matmul(stacked, jnp.ones((z.shape[0], 1), stacked.dtype), precision=jax.lax.Precision.HIGHEST)
+        sums = sums.reshape(p + 1, b)
+        rep, tr_rows = sums[:p].T, sums[p]
+    else:
+        rep = _repulsion(dfc, z, zb, rows)
+        tr_rows = jnp.sum(tr_terms, axis=1)
+    zero = jnp.zeros((), kv.dtype)
+    kv = jnp.where(okb[:, None], kv, zero)
+    rep = jnp.where(okb[:, None], 2.0 * rep / h, jnp.zeros((), rep.dtype))
+    tr = jnp.sum(jnp.where(okb, tr_rows, 0)) / h
+    return kv, rep, tr
 
 
 def kernel_products(
@@ -640,19 +817,19 @@ def kernel_products(
     block_size: int | None = None,
     axis_name: str | None = None,
     valid: Array | None = None,
+    memory_budget: int | None = None,
 ) -> KernelProducts:
-    """``Kmat @ vectors``, the SVGD repulsion and the trace sum, optionally in row blocks.
+    """``Kmat @ vectors``, the SVGD repulsion and the trace sum, in row blocks.
 
     Args:
       kernel: a :class:`RadialKernel`.
       z: points, (M, p).
       vectors: (M, n) rows to smooth with the kernel matrix.
-      block_size: ``None`` builds the (M, M) kernel matrices at once (fastest
-        for moderate M); an int B processes B rows at a time so memory stays
-        O(B M + M (n + p)), which lets M reach tens of thousands of particles.
-        The two paths agree to float round-off. With the median heuristic the
-        blocked path recomputes the distances once per bisection pass (about
-        32 passes in float32, 64 in float64), so it trades time for memory.
+      block_size: rows per block B: memory stays O(B M + M (n + p)), so M can
+        reach 10^5 particles and more. ``None`` (default) chooses B by
+        :func:`auto_block_size` (one block up to M = 1024 for small p; with
+        ``axis_name`` from the global M). Every block size gives the same
+        bandwidth exactly and the same sums to float round-off.
       axis_name: call inside ``shard_map`` with the particles split over this
         mesh axis: ``z`` and ``vectors`` are then this device's rows (M / D of
         them), the other rows are all-gathered, the median counts and the
@@ -665,9 +842,21 @@ def kernel_products(
         and M their number), and its own rows of ``kv`` and ``repulsion`` are
         zero. Masking, not indexing: works under ``jit``, ``vmap``, in blocks
         and sharded.
+      memory_budget: bytes for one block's intermediates when ``block_size``
+        is None (default 256 MiB; see :func:`auto_block_size`).
 
     Returns:
       :class:`KernelProducts`.
+
+    Cost: per ordered pair the distance, one profile evaluation (one ``exp``
+    for the RBF) and ``2 n + 3 p + 4`` further flops, in one fused pass per
+    block. The median heuristic adds an exact radix selection over the
+    distinct pairs: 2 passes (float32) or 4-5 (float64) from about 10^6 pairs,
+    each recomputing the distances of the M^2 / 2 distinct pairs once and
+    histogramming the leading bits of their float patterns. Blocked, sharded
+    and unblocked runs select exactly the same bandwidth (integer counts;
+    identical distances for p <= 4, where each is an element-wise sum of
+    coordinate differences).
 
     Accuracy: the points are centred on an included particle before any
     distance is formed, so a cluster far from the origin loses
@@ -693,45 +882,27 @@ def kernel_products(
     if valid is not None and jnp.shape(valid) != (z.shape[0],):
         raise ValueError(f"kernel_products: valid must have shape (M,) = ({z.shape[0]},), got {jnp.shape(valid)}.")
     m_rows, p = z.shape
+    if m_rows == 0:
+        h = jnp.ones((), z.dtype) if isinstance(kernel.bandwidth, str) else jnp.asarray(kernel.bandwidth, z.dtype)
+        return KernelProducts(jnp.zeros_like(vectors), jnp.zeros_like(z), jnp.zeros((), z.dtype), h)
+    if block_size is None:
+        m_global = m_rows if axis_name is None else m_rows * jax.lax.axis_size(axis_name)
+        block_size = auto_block_size(
+            m_global, p, vectors.shape[1], itemsize=jnp.dtype(z.dtype).itemsize, memory_budget=memory_budget
+        )
     ok = _finite_rows(z, vectors)
     if valid is not None:
         ok = ok & jnp.asarray(valid, bool)
-    if axis_name is None:
-        z_all, v_all, ok_all, offset = z, vectors, ok, 0
-    else:
-        z_all = jax.lax.all_gather(z, axis_name, tiled=True)
-        v_all = jax.lax.all_gather(vectors, axis_name, tiled=True)
-        ok_all = jax.lax.all_gather(ok, axis_name, tiled=True)
-        offset = jax.lax.axis_index(axis_name) * m_rows
-    zc_all, ok_all = _prepare(z_all, ok_all)
+    blocks, ok_all = _make_blocks(z, ok, block_size, axis_name)
+    v = jnp.concatenate([vectors, jnp.zeros((blocks.mine.shape[0] * blocks.size - m_rows, vectors.shape[1]), vectors.dtype)])
+    v_all = v if axis_name is None else jax.lax.all_gather(v, axis_name, tiled=True)
     v_all = jnp.where(ok_all[:, None], v_all, jnp.zeros((), v_all.dtype))
-    if axis_name is None and (block_size is None or block_size >= m_rows):
-        km = _kernel_matrices(kernel, zc_all, ok_all)
-        kv = jnp.matmul(km.k.astype(v_all.dtype), v_all)
-        rep = _repulsion(km.dk, zc_all)
-        return KernelProducts(kv, rep, km.trace_sum, km.bandwidth)
-
-    zc = zc_all if axis_name is None else jax.lax.dynamic_slice_in_dim(zc_all, offset, m_rows)
-    rows = _row_blocks(zc, block_size, offset, ok)
     if isinstance(kernel.bandwidth, str):
-        num_ok = jnp.sum(ok, dtype=jnp.int64 if zc.dtype == jnp.float64 else jnp.int32)
-        if axis_name is not None:
-            num_ok = jax.lax.psum(num_ok, axis_name)
-        h = _blocked_median_bandwidth(zc_all, rows, axis_name, ok_all, num_ok).astype(z.dtype)
+        h = _blocks_median(blocks, axis_name).astype(z.dtype)
     else:
         h = jnp.asarray(kernel.bandwidth, dtype=z.dtype)
 
-    def one_block(blk):
-        zb, r, valid_rows = blk
-        r2 = _block_sq_dists(zb, r, zc_all)
-        u, f, df, d2f = _masked_derivatives(kernel, r2, h, valid_rows[:, None] & ok_all[None, :])
-        dk = df / h
-        kv = jnp.matmul(f.astype(v_all.dtype), v_all)
-        rep = _repulsion(dk, zc_all, zb, r)
-        tr = jnp.sum(-2.0 * p * df - 4.0 * u * d2f) / h
-        return kv, rep, tr
-
-    kv, rep, tr = jax.lax.map(one_block, tuple(rows))
+    kv, rep, tr = jax.lax.map(lambda i: _block_sums(kernel, h, blocks, v_all, i), blocks.mine)
     kv = kv.reshape(-1, kv.shape[-1])[:m_rows]
     rep = rep.reshape(-1, p)[:m_rows]
     tr = jnp.sum(tr)

@@ -452,3 +452,161 @@ def test_kernel_products_bad_block_size(bad):
 def test_kernel_products_shape_errors():
     with pytest.raises(ValueError, match=r"z \(M, p\) and vectors \(M, n\)"):
         kernel_products(rbf(), jnp.zeros((4, 2)), jnp.zeros((5, 2)))
+
+
+# ---------------------------------------------------------------------------
+# exact median selection: one radix selection on every path
+# ---------------------------------------------------------------------------
+
+
+def _np_pair_sq_dists(x, dtype):
+    """The distinct pairs' squared distances as the library forms them for d <= 4: points centred
+    on the first row, coordinate differences squared and summed in order, in ``dtype``."""
+    x = np.asarray(x, dtype)
+    zc = x - x[0]
+    diff = zc[:, None, :] - zc[None, :, :]
+    r2 = np.zeros(diff.shape[:2], dtype)
+    for j in range(x.shape[1]):
+        r2 = r2 + diff[..., j] * diff[..., j]
+    return r2[np.triu_indices(len(x), k=1)]
+
+
+def _np_median_bandwidth_sorted(pairs, m, dtype):
+    """(bandwidth, exact): the convention by a full sort; ``exact`` False where the mean fallback
+    (a sum, whose rounding depends on the order) decides."""
+    if m < 2:
+        return dtype(1.0), True
+    log_n = np.asarray(jnp.log(jnp.asarray(m, dtype) + 1.0))  # the library's log (not under test)
+    s = np.sort(pairs)
+    n = len(s)
+    med = s[(n - 1) // 2] if n % 2 else dtype(0.5) * (s[n // 2 - 1] + s[n // 2])
+    tiny = np.finfo(dtype).tiny * 1e3
+    if med > tiny:
+        return dtype(med) / log_n, True
+    mean = np.mean(pairs.astype(np.float64))
+    return (dtype(mean) / log_n if mean > tiny else dtype(1.0)), False
+
+
+_km_bandwidth = jax.jit(lambda x: kernel_matrices(rbf(), x).bandwidth)
+_products_h = jax.jit(lambda x, b: kernel_products(rbf(), x, x[:, :1], block_size=b).bandwidth, static_argnums=1)
+
+# ties (a small integer grid), duplicated points, zero distances, a few arbitrary values
+_grid_coord = st.one_of(st.sampled_from([0.0, 0.0, 1.0, 2.0, -1.0, 3.0]), st.floats(-4.0, 4.0, width=32))
+
+
+def _check_all_paths_select(x, dtype, blocks):
+    m = x.shape[0]
+    expected, exact = _np_median_bandwidth_sorted(_np_pair_sq_dists(x, dtype), m, dtype)
+    xj = jnp.asarray(x, dtype)
+    got = {"median_bandwidth(r2)": _bandwidth(xj), "kernel_matrices": _km_bandwidth(xj)}
+    for b in blocks:
+        got[f"kernel_products(block_size={b})"] = _products_h(xj, b)
+    for name, h in got.items():
+        assert h.dtype == dtype, name
+        if exact:
+            assert float(h) == float(expected), (name, float(h), float(expected))
+        else:  # the mean of the pairs: a few ulps of summation order
+            np.testing.assert_allclose(float(h), float(expected), rtol=8 * m * np.finfo(dtype).eps, err_msg=name)
+    values = {float(h) for h in got.values()}
+    assert len(values) == 1 or not exact, got
+
+
+@given(
+    m=st.sampled_from([2, 3, 4, 7]),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    data=st.data(),
+)
+def test_radix_median_equals_sorted_median_on_every_path(m, dtype, data):
+    x = data.draw(arrays(dtype, (m, 2), elements=_grid_coord))
+    _check_all_paths_select(x, dtype, blocks=(None, 1))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_radix_median_tiny_sets(m, dtype):
+    # M = 1: no pair (h = 1); M = 2: one pair; M = 3: three pairs (odd), distinct or coincident
+    for x in (np.arange(2 * m, dtype=dtype).reshape(m, 2), np.zeros((m, 2), dtype), np.array([[0.5, 0.0]] * m, dtype)):
+        _check_all_paths_select(x, dtype, blocks=(None, 1))
+    if m >= 2:
+        h = _products_h(jnp.asarray(np.array([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]][:m], dtype)), None)
+        assert float(h) == float(np.asarray(dtype(25.0)) / np.asarray(jnp.log(jnp.asarray(m, dtype) + 1.0)))
+
+
+@pytest.mark.parametrize(
+    "m,dtype,blocks",
+    [(60, np.float32, (None, 7, 16)), (61, np.float64, (None, 8)), (300, np.float32, (None, 64)), (1500, np.float32, (None, 256))],
+)
+def test_radix_median_many_pairs_with_ties(m, dtype, blocks):
+    # 1770 .. 1.1e6 pairs: 6 down to 2 passes of 5 .. 16 bits; half the points on a grid (ties, duplicates)
+    rng = np.random.default_rng(m)
+    x = rng.normal(size=(m, 2))
+    x[::2] = rng.integers(-2, 3, size=x[::2].shape)
+    _check_all_paths_select(x.astype(dtype), dtype, blocks)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_radix_median_with_excluded_particles(dtype):
+    # valid=False and non-finite rows leave the median of the others' pairs, M their number
+    rng = np.random.default_rng(5)
+    x = rng.integers(-2, 3, size=(23, 2)).astype(dtype)
+    keep = np.ones(23, bool)
+    keep[[0, 4, 9]] = False
+    x_bad = x.copy()
+    x_bad[9] = np.nan
+    expected, exact = _np_median_bandwidth_sorted(_np_pair_sq_dists(x[keep], dtype), int(keep.sum()), dtype)
+    assert exact
+    valid = jnp.asarray(np.arange(23) != 4) & jnp.asarray(np.arange(23) != 0)
+    for b in (None, 2, 5):
+        h = jax.jit(lambda z, v: kernel_products(rbf(), z, z, block_size=b, valid=v).bandwidth)(jnp.asarray(x_bad), valid)
+        assert float(h) == float(expected), b
+    assert float(jax.jit(lambda z, v: kernel_matrices(rbf(), z, valid=v).bandwidth)(jnp.asarray(x_bad), valid)) == float(expected)
+
+
+def test_radix_widths_cover_the_value_bits():
+    for dtype, total in ((jnp.float32, 31), (jnp.float64, 63)):
+        for n in (1, 10, 5000, 10**6, 2 * 10**8):
+            w = kernels._radix_widths(dtype, n)
+            assert sum(w) == total and max(w) <= 16 and max(w) - min(w) <= 1
+    assert len(kernels._radix_widths(jnp.float32, 2 * 10**8)) == 2  # 2 passes at M = 20,000
+    assert len(kernels._radix_widths(jnp.float64, 2 * 10**8)) == 4
+
+
+def test_radix_select_ranks_on_raw_values():
+    # every rank of a multiset with ties, zeros and +inf (excluded pairs' marker) against a sort
+    rng = np.random.default_rng(0)
+    vals = np.concatenate([rng.choice([0.0, 1.0, 2.5, 1e-30, 3e5], 300), rng.exponential(size=200), [np.inf] * 5]).astype(np.float32)
+    bits = jax.lax.bitcast_convert_type(jnp.asarray(vals), jnp.int32)
+    hist = kernels._vector_histogram(bits, jnp.ones(vals.shape, bool), jnp.int32)
+    widths = kernels._radix_widths(jnp.float32, vals.size)
+    select = jax.jit(lambda k: kernels._radix_select(hist, k, widths, jnp.int32, jnp.int32))
+    s = np.sort(vals)
+    for k in list(range(0, 500, 37)) + [499, 500, 504]:
+        lower, n_leq, upper = (np.asarray(a) for a in select(k))
+        assert np.asarray(lower).view(np.float32) == s[k]
+        assert int(n_leq) == int(np.sum(vals <= s[k]))
+        above = s[s > s[k]]
+        if above.size:
+            assert np.asarray(upper).view(np.float32) == above[0]
+
+
+def test_auto_block_size_rule():
+    assert kernels.auto_block_size(100, 2, 6) == 100
+    assert kernels.auto_block_size(1024, 2, 6) == 1024
+    assert kernels.auto_block_size(2000, 2, 6) == 512
+    assert kernels.auto_block_size(20000, 2, 6) == 64
+    assert kernels.auto_block_size(100000, 2, 6) == 32
+    # the memory budget lowers it: (p + n + 4) B M itemsize <= budget
+    b = kernels.auto_block_size(10**6, 2, 6, memory_budget=64 << 20)
+    assert b * 12 * 10**6 * 4 <= 64 << 20 < 2 * b * 12 * 10**6 * 4
+
+
+def test_kernel_products_default_blocks_equal_explicit_ones():
+    # block_size=None picks auto_block_size; the result is the explicit call's, bit for bit
+    z = jax.random.normal(jax.random.key(3), (1100, 2), jnp.float32)
+    v = jax.random.normal(jax.random.key(4), (1100, 3), jnp.float32)
+    b = kernels.auto_block_size(1100, 2, 3)
+    assert b < 1100
+    auto = _products(rbf(), z, v)
+    explicit = _products(rbf(), z, v, block_size=b)
+    for a, e in zip(auto, explicit):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
