@@ -243,7 +243,10 @@ def mtsgd(
         from the same kernel values and repulsion, up to its constant trace
         term (which needs every network's Jacobian and does not change the
         weights), so ``MTSGDState.ksd`` is diag(U) without that constant.
-        Supports ``weighting="stein"`` and ``"score"``.
+        Supports ``weighting="stein"`` and ``"score"``, and ``block_size`` and
+        ``axis_name`` (then ``Kmat`` is applied to the gradients through
+        :func:`~mtsgd_jax.kernels.kernel_products` instead of forming inner
+        products; the results agree to float round-off).
       axis_name: for particles split over devices: the name of the mesh axis
         that shards the particle axis, when ``update`` runs inside
         ``shard_map`` (as :func:`~mtsgd_jax.sampling.sample` does with
@@ -251,7 +254,8 @@ def mtsgd(
         scores, every sum over particles is ``psum``-ed, the (K, K) QP is
         solved on the same U on every device, and the update keeps the
         particles' sharding. Results equal the single-device ones up to float
-        round-off. Not combined with ``features``.
+        round-off. :func:`~mtsgd_jax.sampling.sample` with ``mesh=`` takes this
+        axis from the transformation.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose
