@@ -339,25 +339,34 @@ def _radix_widths(dtype, n_values: int) -> tuple[int, ...]:
 
 def _histogram(bits: Array, include: Array, shift: int, width: int, prefix: Array, ctype):
     """One pass over some values: counts (2^width,) of the included ``bits`` whose bits above
-    ``shift + width`` equal ``prefix``, by their next ``width`` bits; and the smallest included
-    bit pattern whose high part exceeds ``prefix`` (the int maximum when none does)."""
+    ``shift + width`` equal ``prefix``, by their next ``width`` bits."""
     hi = jax.lax.shift_right_logical(bits, jnp.asarray(shift + width, bits.dtype))
     nbins = 1 << width
     bucket = jax.lax.shift_right_logical(bits, jnp.asarray(shift, bits.dtype)) & (nbins - 1)
-    bucket = jnp.where(include & (hi == prefix), bucket, nbins)
-    counts = jnp.zeros(nbins, ctype).at[bucket.reshape(-1)].add(jnp.ones((), ctype), mode="drop")
-    big = jnp.iinfo(bits.dtype).max
-    above = jnp.min(jnp.where(include & (hi > prefix), bits, big))
-    return counts, above
+    match = hi == prefix
+    bucket = jnp.where(match if include is True else include & match, bucket, nbins)
+    # one spare bin for the values not counted (an in-bounds scatter: no per-update bounds test);
+    # int32 within one call (a block's pairs), ctype (int64 with x64) only for the total (an
+    # int64 scatter is several times slower on CPU)
+    counts = jnp.zeros(nbins + 1, jnp.int32).at[bucket.reshape(-1)].add(1, mode="promise_in_bounds")
+    return counts[:nbins].astype(ctype)
 
 
-def _radix_select(histogram: Callable, k: Array, widths: tuple[int, ...], itype, ctype):
+def _min_above(bits: Array, include: Array, shift: int, prefix: Array) -> Array:
+    """The smallest included bit pattern whose bits above ``shift`` exceed ``prefix`` (int max if none)."""
+    hi = jax.lax.shift_right_logical(bits, jnp.asarray(shift, bits.dtype))
+    return jnp.min(jnp.where(include & (hi > prefix), bits, jnp.iinfo(bits.dtype).max))
+
+
+def _radix_select(histogram: Callable, min_above: Callable, k: Array, widths: tuple[int, ...], itype, ctype):
     """The k-th smallest (0-based) of a multiset of non-negative float bit patterns.
 
-    ``histogram(shift, width, prefix)`` returns :func:`_histogram`'s pair over the whole
-    multiset (summed over blocks and devices by the caller). Returns ``(lower, n_leq, upper)``:
-    the k-th smallest pattern, how many values are <= it, and the smallest pattern above it
-    (the int maximum when there is none).
+    ``histogram(shift, width, prefix)`` returns :func:`_histogram`'s counts over the whole
+    multiset and ``min_above(shift, prefix)`` :func:`_min_above`'s value (both combined over
+    blocks and devices by the caller). Returns ``(lower, n_leq, upper)``: the k-th smallest
+    pattern, how many values are <= it, and the smallest pattern above it (the int maximum when
+    there is none). ``upper`` comes from the last histogram unless the k-th value is the largest
+    of its last-pass range; only then (``lax.cond``) does one more pass run.
     """
     shift = sum(widths)
     prefix = jnp.zeros((), itype)
@@ -365,7 +374,7 @@ def _radix_select(histogram: Callable, k: Array, widths: tuple[int, ...], itype,
     below = jnp.zeros((), ctype)
     for width in widths:
         shift -= width
-        counts, above = histogram(shift, width, prefix)
+        counts = histogram(shift, width, prefix)
         cum = jnp.cumsum(counts)
         b = jnp.sum(cum <= rem).astype(itype)  # the bucket holding rank rem
         before = jnp.where(b > 0, cum[jnp.maximum(b - 1, 0)], 0).astype(ctype)
@@ -374,7 +383,11 @@ def _radix_select(histogram: Callable, k: Array, widths: tuple[int, ...], itype,
     nbins = 1 << widths[-1]
     idx = jnp.arange(nbins, dtype=itype)
     nxt = jnp.min(jnp.where((idx > b) & (counts > 0), idx, nbins))
-    upper = jnp.where(nxt < nbins, (last_prefix << widths[-1]) | nxt, above)
+    upper = jax.lax.cond(
+        nxt < nbins,
+        lambda: (last_prefix << widths[-1]) | nxt,
+        lambda: min_above(widths[-1], last_prefix).astype(itype),
+    )
     return prefix, below + counts[b], upper
 
 
@@ -397,19 +410,23 @@ def _finish_median(lower, n_leq, upper, total, n, nv, dtype):
     return jnp.where(nv >= 2, scale / log_n, jnp.ones((), dtype))
 
 
-def _select_median(histogram: Callable, nv, n_values: int, n_max: int, dtype, total) -> Array:
+def _select_median(histogram: Callable, min_above: Callable, nv, n_values: int, n_max: int, dtype, total) -> Array:
     """The median bandwidth from a pair histogram over ``nv`` particles' distinct pairs
     (``n_values`` scanned per pass, at most ``n_max`` pairs) and their distance sum ``total``."""
     itype = jnp.int64 if dtype == jnp.float64 else jnp.int32
     ctype = _count_dtype(n_max)
     nv, n, k = _median_counts(nv, ctype)
-    lower, n_leq, upper = _radix_select(histogram, k, _radix_widths(dtype, n_values), itype, ctype)
+    lower, n_leq, upper = _radix_select(histogram, min_above, k, _radix_widths(dtype, n_values), itype, ctype)
     as_float = lambda b: jax.lax.bitcast_convert_type(b, dtype)  # noqa: E731
     return _finish_median(as_float(lower), n_leq, as_float(upper), total, n, nv, dtype)
 
 
 def _vector_histogram(bits: Array, include: Array, ctype):
-    return lambda shift, width, prefix: _histogram(bits, include, shift, width, prefix, ctype)
+    """(histogram, min_above) callables of :func:`_radix_select` over one array of values."""
+    return (
+        lambda shift, width, prefix: _histogram(bits, include, shift, width, prefix, ctype),
+        lambda shift, prefix: _min_above(bits, include, shift, prefix),
+    )
 
 
 # Up to this M the distinct pairs are gathered once into a vector (half the entries, read
@@ -456,8 +473,8 @@ def median_bandwidth(r2: Array, *, valid: Array | None = None) -> Array:
         include = (i[:, None] < i[None, :]) & ok[:, None] & ok[None, :]
     total = jnp.sum(jnp.where(include, pairs, 0))
     bits = jax.lax.bitcast_convert_type(pairs, itype)
-    hist = _vector_histogram(bits, include, ctype)
-    return _select_median(hist, nv, pairs.size, m * (m - 1) // 2, wdtype, total).astype(dtype)
+    hist, above = _vector_histogram(bits, include, ctype)
+    return _select_median(hist, above, nv, pairs.size, m * (m - 1) // 2, wdtype, total).astype(dtype)
 
 
 class KernelMatrices(NamedTuple):
@@ -573,43 +590,60 @@ def _block_rows(blocks: _Blocks, i) -> tuple[Array, Array]:
 
 
 def _pair_histogram(blocks: _Blocks, itype, ctype, axis_name):
-    """:func:`_histogram` over the distinct pairs of ``blocks``, each visited once.
+    """:func:`_radix_select`'s callables over the distinct pairs of ``blocks``, each visited once.
 
     Row block i meets blocks i, i+1, ..., i + NB//2 (cyclically): block pairs at
     cyclic distance s < NB/2 are visited from one side only, the diagonal block
     through its upper triangle, and for even NB the pairs at distance NB/2 from
-    the blocks i < NB/2. So the passes read about M^2 / 2 distances.
+    the blocks i < NB/2. So the passes read about M^2 / 2 distances. Excluded
+    and padding points get NaN coordinates: their distances are NaN, whose bit
+    pattern lies above every finite or infinite distance and never matches a
+    selected prefix, so the big off-diagonal part needs no mask.
     """
     b, nbt = blocks.size, blocks.count
     reach = nbt // 2
-    cols = (reach + 1) * b
-    zz = jnp.concatenate([blocks.z, blocks.z[: reach * b]])
-    okz = jnp.concatenate([blocks.ok, blocks.ok[: reach * b]])
-    lr = jnp.arange(b)
-    lc = jnp.arange(cols)
-    s = lc // b  # cyclic block distance of each column
+    z = jnp.where(blocks.ok[:, None], blocks.z, jnp.asarray(jnp.nan, blocks.z.dtype))
+    zz = jnp.concatenate([z, z[: reach * b]])
+    upper = jnp.arange(b)[:, None] < jnp.arange(b)[None, :]
+    s_col = jnp.arange(reach * b) // b + 1  # cyclic block distance of each off-diagonal column
+    nan = jnp.asarray(jnp.nan, z.dtype)
 
-    def included(i, ok_rows, ok_cols):
-        diag = (s[None, :] == 0) & (lc[None, :] > lr[:, None])
-        side = ((s > 0) & (2 * s < nbt))[None, :] | ((2 * s == nbt)[None, :] & (i < reach))
-        return (diag | side) & ok_rows[:, None] & ok_cols[None, :]
+    def block_bits(i):
+        zb = jax.lax.dynamic_slice_in_dim(z, i * b, b)
+        diag = jax.lax.bitcast_convert_type(_centred_sq_dists(zb, zb), itype)
+        if reach == 0:
+            return diag, None
+        zc = jax.lax.dynamic_slice_in_dim(zz, (i + 1) * b, reach * b)
+        if 2 * reach == nbt:  # the blocks at distance NB/2 are met from the first half only
+            zc = jnp.where(((s_col == reach) & (i >= reach))[:, None], nan, zc)
+        return diag, jax.lax.bitcast_convert_type(_centred_sq_dists(zb, zc), itype)
 
     def histogram(shift, width, prefix):
         def one(i):
-            zb, okb = _block_rows(blocks, i)
-            zc = jax.lax.dynamic_slice_in_dim(zz, i * b, cols)
-            okc = jax.lax.dynamic_slice_in_dim(okz, i * b, cols)
-            r2 = _centred_sq_dists(zb, zc)
-            bits = jax.lax.bitcast_convert_type(r2, itype)
-            return _histogram(bits, included(i, okb, okc), shift, width, prefix, ctype)
+            diag, off = block_bits(i)
+            counts = _histogram(diag, upper, shift, width, prefix, ctype)
+            if off is not None:
+                counts = counts + _histogram(off, True, shift, width, prefix, ctype)
+            return counts
 
-        counts, above = jax.lax.map(one, blocks.mine)
-        counts, above = jnp.sum(counts, axis=0), jnp.min(above)
-        if axis_name is not None:
-            counts, above = jax.lax.psum(counts, axis_name), jax.lax.pmin(above, axis_name)
-        return counts, above
+        counts = jnp.sum(jax.lax.map(one, blocks.mine), axis=0)
+        return counts if axis_name is None else jax.lax.psum(counts, axis_name)
 
-    return histogram, blocks.count * b * cols // 2
+    def min_above(shift, prefix):
+        def one(i):
+            diag, off = block_bits(i)
+            above = _min_above(diag, upper, shift, prefix)
+            if off is not None:  # leave out the NaN patterns (of either sign)
+                above = jnp.minimum(above, _min_above(off, (off >= 0) & (off < _INF_BITS[itype]), shift, prefix))
+            return above
+
+        above = jnp.min(jax.lax.map(one, blocks.mine))
+        return above if axis_name is None else jax.lax.pmin(above, axis_name)
+
+    return histogram, min_above, nbt * b * (reach * b + b) // 2
+
+
+_INF_BITS = {jnp.int32: 0x7F800001, jnp.int64: 0x7FF0000000000001}  # first pattern above +inf (NaN)
 
 
 def _pair_distance_sum(blocks: _Blocks, ctype, axis_name=None) -> tuple[Array, Array]:
@@ -640,8 +674,8 @@ def _blocks_median(blocks: _Blocks, axis_name=None) -> Array:
     n_max = m_total * (m_total - 1) // 2
     ctype = _count_dtype(n_max)
     nv, total = _pair_distance_sum(blocks, ctype, axis_name)
-    hist, n_scanned = _pair_histogram(blocks, itype, ctype, axis_name)
-    return _select_median(hist, nv, n_scanned, n_max, dtype, total)
+    hist, above, n_scanned = _pair_histogram(blocks, itype, ctype, axis_name)
+    return _select_median(hist, above, nv, n_scanned, n_max, dtype, total)
 
 
 # ----------------------------------------------------------------------------- kernel matrices

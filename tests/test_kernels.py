@@ -576,9 +576,9 @@ def test_radix_select_ranks_on_raw_values():
     rng = np.random.default_rng(0)
     vals = np.concatenate([rng.choice([0.0, 1.0, 2.5, 1e-30, 3e5], 300), rng.exponential(size=200), [np.inf] * 5]).astype(np.float32)
     bits = jax.lax.bitcast_convert_type(jnp.asarray(vals), jnp.int32)
-    hist = kernels._vector_histogram(bits, jnp.ones(vals.shape, bool), jnp.int32)
+    hist, above = kernels._vector_histogram(bits, jnp.ones(vals.shape, bool), jnp.int32)
     widths = kernels._radix_widths(jnp.float32, vals.size)
-    select = jax.jit(lambda k: kernels._radix_select(hist, k, widths, jnp.int32, jnp.int32))
+    select = jax.jit(lambda k: kernels._radix_select(hist, above, k, widths, jnp.int32, jnp.int32))
     s = np.sort(vals)
     for k in list(range(0, 500, 37)) + [499, 500, 504]:
         lower, n_leq, upper = (np.asarray(a) for a in select(k))
