@@ -353,6 +353,15 @@ def stein_system(
       directions and U equal those of the set without it (the median
       bandwidth and the 1/n normalisation use the number n of finite
       particles), and its own directions are NaN.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from mtsgd_jax import rbf
+      >>> from mtsgd_jax.stein import kernel_context, stein_system
+      >>> x = jax.random.normal(jax.random.key(0), (10, 2))
+      >>> system = stein_system(x, jnp.stack([-x, 1.0 - x]), kernel_context(rbf(), block_size=4))
+      >>> system.gram().shape, system.direction(jnp.array([0.5, 0.5])).shape
+      ((2, 2), (10, 2))
     """
     k, m, d = scores.shape
     axis = context.axis_name

@@ -123,7 +123,8 @@ X0 = jax.random.normal(jax.random.key(0), (8, 2), jnp.float64)
 def test_sample_axis_disagreeing_with_the_transformation_is_an_error():
     mesh = _one_device_mesh("particles")
     opt = optax.chain(mj.mtsgd(2, mj.rbf(H), solver="closed_form", axis_name="particles"), optax.sgd(0.1))
-    with pytest.raises(ValueError, match=r"sample: axis_name='other' but the optimiser's Stein stage was built with axis_name='particles'"):
+    match = r"sample: axis_name='other' but the optimiser's Stein stage was built with axis_name='particles'"
+    with pytest.raises(ValueError, match=match):
         mj.sample(LOGPS, opt, X0, 2, mesh=mesh, axis_name="other")
     # a stage built for a mesh axis, run without a mesh
     with pytest.raises(ValueError, match=r"Stein stage was built for particles split over the mesh axis 'particles'.*pass mesh="):
@@ -245,7 +246,8 @@ def test_feature_path_with_axis_name_equals_unsharded():
     from mtsgd_jax.sampling import _shard_map
 
     state_spec = mj.MTSGDState(P(), P(), P(), P(), P())
-    fn = _shard_map(lambda g, s, x: sharded.update(g, s, x), mesh, (P(None, "particles"), state_spec, P("particles")), (P("particles"), state_spec))
+    in_specs = (P(None, "particles"), state_spec, P("particles"))
+    fn = _shard_map(lambda g, s, x: sharded.update(g, s, x), mesh, in_specs, (P("particles"), state_spec))
     ub, sb = jax.jit(fn)(g, sharded.init(x), x)
     np.testing.assert_allclose(np.asarray(ub), np.asarray(ua), rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(np.asarray(sb.ksd), np.asarray(sa.ksd), rtol=1e-12, atol=1e-14)
