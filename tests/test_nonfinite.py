@@ -38,8 +38,15 @@ def _keep(m=M):
     return np.array([i for i in range(m) if i != BAD])
 
 
+_JITTED: dict = {}
+
+
 def _run(t, g, x):
-    return jax.jit(t.update)(jnp.asarray(g), t.init(jnp.asarray(x)), jnp.asarray(x))
+    """``jax.jit(t.update)`` on ``(g, t.init(x), x)``, jitted once per transformation: cases of the same
+    shapes and dtype share its compilation."""
+    if id(t) not in _JITTED:
+        _JITTED[id(t)] = (t, jax.jit(t.update))  # t kept alive: its id is not reused
+    return _JITTED[id(t)][1](jnp.asarray(g), t.init(jnp.asarray(x)), jnp.asarray(x))
 
 
 def _check(u, s, u_ref, s_ref, tol, fields):
@@ -58,6 +65,7 @@ TRANSFORMS = {
     "mtsgd_score_imq": lambda: mj.mtsgd(K, mj.imq(), weighting="score"),
     "mtsgd_fixed_h": lambda: mj.mtsgd(K, rbf(0.5)),
 }
+_SHARED = {name: make() for name, make in TRANSFORMS.items()}  # built once: one compilation per shape and dtype
 
 
 CASES = [("mtsgd", w, dt) for w in ("grad_nan", "grad_inf", "position") for dt in (jnp.float64, jnp.float32)] + [
@@ -69,7 +77,7 @@ CASES = [("mtsgd", w, dt) for w in ("grad_nan", "grad_inf", "position") for dt i
 def test_mtsgd_containment(name, where, dtype):
     x, g = _problem(dtype)
     xb, gb = _corrupt(x, g, where)
-    t = TRANSFORMS[name]()
+    t = _SHARED[name]
     u, s = _run(t, gb, xb)
     u_ref, s_ref = _run(t, g[:, _keep()], x[_keep()])
     _check(u, s, u_ref, s_ref, TOL[dtype], ["weights", "ksd", "bandwidth"])
@@ -129,7 +137,7 @@ def test_inner_product_path_containment():
 def test_vmap_and_single_device_shard_map():
     x, g = _problem(jnp.float64)
     xb, gb = _corrupt(x, g, "grad_nan")
-    t = mj.mtsgd(K)
+    t = _SHARED["mtsgd"]  # mj.mtsgd(K)
     xs, gs = jnp.stack([x, xb]), jnp.stack([g, gb])
     u, s = jax.jit(jax.vmap(t.update))(gs, jax.vmap(t.init)(xs), xs)
     u_ref, s_ref = _run(t, g[:, _keep()], x[_keep()])
@@ -158,7 +166,7 @@ def test_vmap_and_single_device_shard_map():
 def test_all_nan(dtype):
     x, g = _problem(dtype)
     g[:] = np.nan
-    for t in (mj.mtsgd(K), mj.mtsgd(K, weighting="normalized"), mj.mtsgd(K, block_size=5), mj.moo_svgd(K)):
+    for t in (_SHARED["mtsgd"], mj.mtsgd(K, weighting="normalized"), mj.mtsgd(K, block_size=5), mj.moo_svgd(K)):
         u, s = _run(t, g, x)
         assert np.all(np.isnan(np.asarray(u)))
         assert int(s.nonfinite) == M
@@ -176,9 +184,12 @@ def test_kernel_products_valid_mask_equals_subset():
     valid[[2, 9]] = False
     z[9] = np.inf  # excluded rows may hold anything
     keep = np.flatnonzero(valid)
+    # jitted (one kernel object, static): op by op, the row blocks would compile again per call
+    prod = jax.jit(kernel_products, static_argnums=0, static_argnames="block_size")
+    kern = rbf()
     for block in (None, 4):
-        out = kernel_products(rbf(), jnp.asarray(z), jnp.asarray(v), valid=jnp.asarray(valid), block_size=block)
-        ref = kernel_products(rbf(), jnp.asarray(z[keep]), jnp.asarray(v[keep]), block_size=block)
+        out = prod(kern, jnp.asarray(z), jnp.asarray(v), valid=jnp.asarray(valid), block_size=block)
+        ref = prod(kern, jnp.asarray(z[keep]), jnp.asarray(v[keep]), block_size=block)
         np.testing.assert_allclose(np.asarray(out.kv)[keep], np.asarray(ref.kv), rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(np.asarray(out.repulsion)[keep], np.asarray(ref.repulsion), rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(float(out.trace_sum), float(ref.trace_sum), rtol=1e-12)
@@ -190,8 +201,9 @@ def test_stein_quantities_contain_a_nan_score():
     x, g = _problem(jnp.float64)
     s = -g
     s[0, BAD, 1] = np.nan
-    q = mj.stein_quantities(jnp.asarray(x), jnp.asarray(s))
-    ref = mj.stein_quantities(jnp.asarray(x[_keep()]), jnp.asarray(-g[:, _keep()]))
+    quantities = jax.jit(mj.stein_quantities)  # one compilation per shape instead of op by op
+    q = quantities(jnp.asarray(x), jnp.asarray(s))
+    ref = quantities(jnp.asarray(x[_keep()]), jnp.asarray(-g[:, _keep()]))
     np.testing.assert_allclose(np.asarray(q.gram), np.asarray(ref.gram), rtol=1e-12)
     phi = np.asarray(q.directions)
     assert np.all(np.isnan(phi[:, BAD]))

@@ -57,6 +57,7 @@ def _scores(x, offset, spread):
 _sq = jax.jit(pairwise_sq_dists)
 _h = jax.jit(lambda x: median_bandwidth(pairwise_sq_dists(x)))
 _prod = jax.jit(kernel_products, static_argnums=0, static_argnames="block_size")
+_gram = jax.jit(mj.gram_matrix, static_argnames="block_size")  # op by op, its row blocks would compile per call
 
 
 @pytest.mark.parametrize("offset,spread", CLUSTERS)
@@ -121,9 +122,17 @@ def test_svgd_tiny_bandwidth_float32_matches_float64_and_eager_equals_jit(h):
         assert np.all(np.abs(np.asarray(u, np.float64) - ref) <= bound)
 
 
+_UPDATES: dict = {}
+
+
 def _update(weighting="stein", block_size=None, kernel=None):
-    t = mj.mtsgd(3, kernel, weighting=weighting, block_size=block_size)
-    return t, jax.jit(t.update)
+    """``(mj.mtsgd(3, kernel, ...), its jitted update)``, built once per options: cases of the same shapes
+    and dtype share the compilation."""
+    key = (weighting, block_size, kernel)
+    if key not in _UPDATES:
+        t = mj.mtsgd(3, kernel, weighting=weighting, block_size=block_size)
+        _UPDATES[key] = (t, jax.jit(t.update))
+    return _UPDATES[key]
 
 
 @pytest.mark.parametrize("offset,spread", CLUSTERS)
@@ -136,8 +145,8 @@ def test_mtsgd_update_and_gram_float32_match_float64(offset, spread, block_size)
     t, upd = _update(block_size=block_size)
     u32, s32 = upd(jnp.asarray(g32), t.init(jnp.asarray(x32)), jnp.asarray(x32))
     u64, s64 = upd(jnp.asarray(g64), t.init(jnp.asarray(x64)), jnp.asarray(x64))
-    gram32 = np.asarray(mj.gram_matrix(jnp.asarray(x32), -jnp.asarray(g32), block_size=block_size), np.float64)
-    gram64 = np.asarray(mj.gram_matrix(jnp.asarray(x64), -jnp.asarray(g64), block_size=block_size))
+    gram32 = np.asarray(_gram(jnp.asarray(x32), -jnp.asarray(g32), block_size=block_size), np.float64)
+    gram64 = np.asarray(_gram(jnp.asarray(x64), -jnp.asarray(g64), block_size=block_size))
     # U: entries of size |S|^2 summed with kernel weights; relative to max|U| a few hundred ulps
     # (the kernel values exp(-u) carry u * eps with u up to ~ 30 over the cluster).
     scale = np.max(np.abs(gram64))
