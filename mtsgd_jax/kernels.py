@@ -513,8 +513,8 @@ def _masked_derivatives(kernel: RadialKernel, r2: Array, h: Array, pair_ok: Arra
 
 
 # Automatic block size: a block's (B, M) intermediates are sized to about this many entries
-# (measured on CPU: 2-3x faster than one (M, M) pass from M = 2000, as fast below) ...
-_BLOCK_TARGET_ENTRIES = 1 << 20
+# (measured on CPU: 2-3x faster than one (M, M) pass from M = 1000) ...
+_BLOCK_TARGET_ENTRIES = 1 << 18
 # ... with at least this many rows (fewer make the per-block GEMMs inefficient) ...
 _BLOCK_MIN_ROWS = 32
 # ... within this memory budget for the block's working set, in bytes.
@@ -524,12 +524,12 @@ _BLOCK_MEMORY_BUDGET = 256 << 20
 def auto_block_size(m: int, p: int, n: int = 1, *, itemsize: int = 4, memory_budget: int | None = None) -> int:
     """The block size :func:`kernel_products` uses when given ``block_size=None``.
 
-    The rule: ``B = 2^round(log2(2^20 / M))`` rows (about a million entries
+    The rule: ``B = 2^round(log2(2^18 / M))`` rows (about 262,000 entries
     per (B, M) intermediate), at least 32, then lowered to a power of two so
     that the block's working set, about ``(p + n + 4) B M itemsize`` bytes,
     fits ``memory_budget`` (default 256 MiB), at least 1 and at most M.
-    E.g. d = 2, float32: B = M up to M = 1024, 512 at 2,000, 64 at 20,000,
-    32 at 100,000.
+    E.g. d = 2, float32: B = M up to M = 512, 256 at 1,000, 128 at 2,000,
+    32 at 20,000 and 100,000.
 
     Args:
       m: number of particles M (all devices together).
@@ -626,7 +626,7 @@ def _pair_histogram(blocks: _Blocks, itype, ctype, axis_name):
                 counts = counts + _histogram(off, True, shift, width, prefix, ctype)
             return counts
 
-        counts = jnp.sum(jax.lax.map(one, blocks.mine), axis=0)
+        counts = one(blocks.mine[0]) if blocks.mine.shape[0] == 1 else jnp.sum(jax.lax.map(one, blocks.mine), axis=0)
         return counts if axis_name is None else jax.lax.psum(counts, axis_name)
 
     def min_above(shift, prefix):
@@ -936,7 +936,11 @@ def kernel_products(
     else:
         h = jnp.asarray(kernel.bandwidth, dtype=z.dtype)
 
-    kv, rep, tr = jax.lax.map(lambda i: _block_sums(kernel, h, blocks, v_all, i), blocks.mine)
+    one = lambda i: _block_sums(kernel, h, blocks, v_all, i)  # noqa: E731
+    if blocks.mine.shape[0] == 1:  # no loop around a single block
+        kv, rep, tr = jax.tree_util.tree_map(lambda a: a[None], one(blocks.mine[0]))
+    else:
+        kv, rep, tr = jax.lax.map(one, blocks.mine)
     kv = kv.reshape(-1, kv.shape[-1])[:m_rows]
     rep = rep.reshape(-1, p)[:m_rows]
     tr = jnp.sum(tr)

@@ -591,9 +591,10 @@ def test_radix_select_ranks_on_raw_values():
 
 def test_auto_block_size_rule():
     assert kernels.auto_block_size(100, 2, 6) == 100
-    assert kernels.auto_block_size(1024, 2, 6) == 1024
-    assert kernels.auto_block_size(2000, 2, 6) == 512
-    assert kernels.auto_block_size(20000, 2, 6) == 64
+    assert kernels.auto_block_size(512, 2, 6) == 512
+    assert kernels.auto_block_size(1000, 2, 6) == 256
+    assert kernels.auto_block_size(2000, 2, 6) == 128
+    assert kernels.auto_block_size(20000, 2, 6) == 32
     assert kernels.auto_block_size(100000, 2, 6) == 32
     # the memory budget lowers it: (p + n + 4) B M itemsize <= budget
     b = kernels.auto_block_size(10**6, 2, 6, memory_budget=64 << 20)
@@ -602,10 +603,10 @@ def test_auto_block_size_rule():
 
 def test_kernel_products_default_blocks_equal_explicit_ones():
     # block_size=None picks auto_block_size; the result is the explicit call's, bit for bit
-    z = jax.random.normal(jax.random.key(3), (1100, 2), jnp.float32)
-    v = jax.random.normal(jax.random.key(4), (1100, 3), jnp.float32)
-    b = kernels.auto_block_size(1100, 2, 3)
-    assert b < 1100
+    z = jax.random.normal(jax.random.key(3), (600, 2), jnp.float32)
+    v = jax.random.normal(jax.random.key(4), (600, 3), jnp.float32)
+    b = kernels.auto_block_size(600, 2, 3)
+    assert b < 600
     auto = _products(rbf(), z, v)
     explicit = _products(rbf(), z, v, block_size=b)
     for a, e in zip(auto, explicit):
