@@ -1,9 +1,11 @@
 """Test configuration: float64 available everywhere, hypothesis tuned for CI."""
 
+import gc
 import os
 
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Tests choose float32 or float64 explicitly; enabling x64 lets them do both
@@ -18,3 +20,15 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module.
+
+    Hundreds of modules' jitted programs would otherwise stay cached for the whole run; clearing
+    between modules keeps the suite's memory flat on small machines.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
