@@ -107,3 +107,18 @@ def missing_modules_message(command: str, missing: Sequence[str]) -> str:
     names = missing[0] if len(missing) == 1 else ", ".join(missing[:-1]) + " and " + missing[-1]
     verb = "is" if len(missing) == 1 else "are"
     return f"mtsgd {command} needs {names}, which {verb} not installed: {INSTALL_HINT}"
+
+
+def spec_checked_by(module: str, parser: str = "parse_method") -> Callable[[str], str]:
+    """An argparse ``type=`` that checks a method spec with ``module.parser`` (imported when used)
+    and returns the text unchanged; a ValueError becomes argparse's usage error (exit 2)."""
+
+    def check(text: str) -> str:
+        parse = getattr(importlib.import_module(module), parser)
+        try:
+            parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return text
+
+    return check

@@ -6,7 +6,7 @@ import argparse
 import sys
 import warnings
 
-from mtsgd_jax.cli._common import positive_float, positive_int, set_requires
+from mtsgd_jax.cli._common import positive_float, positive_int, set_requires, spec_checked_by
 
 # Kept literal (not imported from mtsgd_jax.training) so that ``mtsgd --help`` stays fast.
 _TASKS = ("multi-digits", "multi-mnist", "multi-fashion", "multi-fashion-mnist", "sarcos", "celeba")
@@ -65,14 +65,7 @@ def requires(args) -> tuple[str, ...]:
     return ("orbax.checkpoint", *loader)
 
 
-def _method(text: str) -> str:
-    from mtsgd_jax.training.methods import parse_method
-
-    try:
-        parse_method(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+_method = spec_checked_by("mtsgd_jax.training.methods")
 
 
 def _method_and_options(args) -> tuple[str, dict]:

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from mtsgd_jax.cli._common import HelpFormatter, add_common, non_negative_int, positive_float, positive_int, set_requires
+from mtsgd_jax.cli._common import HelpFormatter, add_common, non_negative_int, positive_float, positive_int, set_requires, spec_checked_by
 
 # Optional modules this subcommand imports (checked by mtsgd_jax.cli.main before it runs).
 REQUIRES = ("matplotlib",)
 
 
-def _method(text: str) -> str:
-    from mtsgd_jax.experiments.zdt import parse_method
-
-    try:
-        parse_method(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+_method = spec_checked_by("mtsgd_jax.experiments.zdt")
 
 
 def register(sub) -> None:
