@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 
 from mtsgd_jax.cli._common import HelpFormatter, add_common, non_negative_int, positive_float, positive_int, set_requires, spec_checked_by
 
