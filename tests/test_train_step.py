@@ -248,7 +248,7 @@ def test_function_kernel_reusing_the_forward_pass_equals_recomputing(digits_task
     @jax.jit
     def both(params, x, y):
         values, grads, _, cache = tr._forward_and_grads(params, {}, x, y)
-        assert cache is not None and cache[0].shape[0] == 3
+        assert cache is not None and cache["outputs"][0].shape[0] == 3
         reused, _ = method.transform.update(grads, opt, params, losses=values, inputs=x, model_state={}, feature_cache=cache)
         recomputed, _ = method.transform.update(grads, opt, params, losses=values, inputs=x, model_state={})
         return reused, recomputed

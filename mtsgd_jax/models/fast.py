@@ -66,6 +66,10 @@ def register_ensemble_forward(cls: type, builder: Callable[[Any], EnsembleForwar
         stacked ``"params"`` collection (leaves (M, ...)) and inputs ``x`` (N, ...)
         shared by the particles, and returns what
         ``apply_ensemble(module, params, x)`` returns: outputs (M, N, ...).
+        Optionally ``fn(params, x, return_features=True)`` returns ``(outputs,
+        features (M, N, ...))`` like the module's ``return_features=True`` (the
+        registered passes do; the split kernels of the trainer use it, and fall
+        back to the vmapped module for a pass without that keyword).
     """
     if not isinstance(cls, type):
         raise TypeError(f"register_ensemble_forward: cls must be a class, got {type(cls).__name__}.")
@@ -136,7 +140,7 @@ def _dense(h: jax.Array, p: dict) -> jax.Array:
 
 
 def _lenet_builder(module: MultiHeadLeNet) -> EnsembleForward | None:
-    def forward(params, x):
+    def forward(params, x, return_features: bool = False):
         _check_images(x, "LeNetEncoder", min_size=16)
         e = params["encoder"]
         dtype = jnp.result_type(x, *jax.tree_util.tree_leaves(params))
@@ -148,13 +152,14 @@ def _lenet_builder(module: MultiHeadLeNet) -> EnsembleForward | None:
         h = h.reshape(h.shape[0], h.shape[1], -1)
         h = jax.nn.relu(_dense(h, e["fc"]))
         heads = params["heads"]
-        return jnp.einsum("mnd,mdtc->mntc", h, heads["kernel"]) + heads["bias"][:, None]
+        out = jnp.einsum("mnd,mdtc->mntc", h, heads["kernel"]) + heads["bias"][:, None]
+        return (out, h) if return_features else out
 
     return forward
 
 
 def _mlp_builder(module: SarcosMLP) -> EnsembleForward | None:
-    def forward(params, x):
+    def forward(params, x, return_features: bool = False):
         if x.ndim != 2 or (module.num_inputs is not None and x.shape[-1] != module.num_inputs):
             width = module.num_inputs if module.num_inputs is not None else "D"
             raise ValueError(f"SarcosMLP: x must have shape (N, {width}), got shape {x.shape}.")
@@ -163,7 +168,8 @@ def _mlp_builder(module: SarcosMLP) -> EnsembleForward | None:
         h = jax.nn.relu(jnp.einsum("nd,mdo->mno", x.astype(dtype), first["kernel"]) + first["bias"][:, None, :])
         for i in range(1, len(module.hidden)):
             h = jax.nn.relu(_dense(h, params[f"dense{i}"]))
-        return _dense(h, params["out"])
+        out = _dense(h, params["out"])
+        return (out, h) if return_features else out
 
     return forward
 

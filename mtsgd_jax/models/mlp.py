@@ -50,10 +50,13 @@ class SarcosMLP(nn.Module):
     num_outputs: int = 7
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, return_features: bool = False):
+        """Predictions (N, num_outputs), or ``(predictions, features)`` with ``return_features=True``,
+        features (N, hidden[-1]) the last hidden layer (the input of the output layer)."""
         if x.ndim != 2 or (self.num_inputs is not None and x.shape[-1] != self.num_inputs):
             width = self.num_inputs if self.num_inputs is not None else "D"
             raise ValueError(f"SarcosMLP: x must have shape (N, {width}), got shape {x.shape}.")
         for i, width in enumerate(self.hidden):
             x = nn.relu(nn.Dense(width, name=f"dense{i}")(x))
-        return nn.Dense(self.num_outputs, name="out")(x)
+        out = nn.Dense(self.num_outputs, name="out")(x)
+        return (out, x) if return_features else out

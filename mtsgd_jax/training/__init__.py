@@ -10,7 +10,13 @@
   :func:`make_optimizer`;
 * :mod:`~mtsgd_jax.training.trainer`: :class:`Trainer` (one jitted train
   step, evaluation, the epoch loop with JSON-lines metrics and orbax
-  checkpoints / resume) and :func:`train`.
+  checkpoints / resume, an optional linear-scalarisation warm-up) and
+  :func:`train`;
+* :mod:`~mtsgd_jax.training.recipe`: the MT-SGD reference code's network
+  recipe (``train(..., recipe="published")``): split kernels
+  (:func:`split_mtsgd`, ``kernel_space="split"``: encoder MT-SGD on latent
+  features, per-head SVGD on head outputs), the warm-up preferences
+  (:func:`warmup_preferences`) and SGD.
 
 Example (a few seconds of training on Multi-Digits; no download needed)::
 
@@ -23,6 +29,7 @@ Example (a few seconds of training on Multi-Digits; no download needed)::
 
 from mtsgd_jax.training.checkpoint import clear_checkpoints, latest_epoch, restore_checkpoint, save_checkpoint
 from mtsgd_jax.training.methods import KERNEL_SPACES, METHODS, OPTIMIZERS, Method, make_method, make_optimizer
+from mtsgd_jax.training.recipe import RECIPES, Head, register_head_layout, split_mtsgd, warmup_preferences
 from mtsgd_jax.training.tasks import KINDS, TASKS, ArrayDataset, CelebADataset, Task, TaskDefaults, make_task
 from mtsgd_jax.training.trainer import (
     Trainer,
@@ -40,9 +47,11 @@ __all__ = [
     "KINDS",
     "METHODS",
     "OPTIMIZERS",
+    "RECIPES",
     "TASKS",
     "ArrayDataset",
     "CelebADataset",
+    "Head",
     "Method",
     "Task",
     "TaskDefaults",
@@ -56,9 +65,12 @@ __all__ = [
     "make_method",
     "make_optimizer",
     "make_task",
+    "register_head_layout",
     "restore_checkpoint",
     "save_checkpoint",
+    "split_mtsgd",
     "summary_rows",
     "summary_table",
     "train",
+    "warmup_preferences",
 ]

@@ -37,9 +37,13 @@ that :func:`make_method` does not name (``warm_start``, ``block_size``,
 Kernels (``kernel_space``, for ``mtsgd`` and ``moo_svgd``; ignored by the
 others): ``"parameter"`` is the RBF kernel (median bandwidth) on the
 flattened parameters; ``"function"`` is the RBF kernel on each network's
-outputs on the current batch (the MT-SGD reference code's choice), through
-the transformations' ``features=`` option; pass ``features`` (e.g.
-:func:`mtsgd_jax.training.function_features`).
+outputs on the current batch, through the transformations' ``features=``
+option; pass ``features`` (e.g. :func:`mtsgd_jax.training.function_features`).
+``"split"`` (``mtsgd`` only) is the MT-SGD reference code's choice: the
+shared encoder takes MT-SGD with an RBF kernel on each network's latent
+features, each task head its own task's SVGD step with an RBF kernel on its
+outputs (:func:`~mtsgd_jax.training.recipe.split_mtsgd`); pass ``heads`` and
+``features`` (:func:`mtsgd_jax.training.build_method` fills both from the task).
 """
 
 from __future__ import annotations
@@ -49,12 +53,13 @@ from typing import Callable, NamedTuple
 import numpy as np
 import optax
 
+from mtsgd_jax.training.recipe import split_mtsgd
 from mtsgd_jax.transforms import make_transform, parse_spec, preference_vectors
 
 __all__ = ["METHODS", "KERNEL_SPACES", "OPTIMIZERS", "Method", "make_method", "make_optimizer", "parse_method"]
 
 METHODS = ("mtsgd", "moo_svgd", "mgda", "linear_scalarization", "pareto_mtl", "single_task")
-KERNEL_SPACES = ("parameter", "function")
+KERNEL_SPACES = ("parameter", "function", "split")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 LS_WEIGHTS = ("uniform", "spread")
 
@@ -79,7 +84,7 @@ class Method(NamedTuple):
         ``sum_k w_pk L_k`` and only that gradient is computed.
       assignment: None (every network predicts every task), or (P,) the one
         task each network is trained and evaluated on (single-task).
-      kernel_space: ``"parameter"`` or ``"function"`` (kernel methods), else None.
+      kernel_space: ``"parameter"``, ``"function"`` or ``"split"`` (kernel methods), else None.
     """
 
     name: str
@@ -98,6 +103,8 @@ def make_method(
     *,
     kernel_space: str = "parameter",
     features: Callable | None = None,
+    heads=None,
+    reuse_cache: bool = True,
     weighting: str = "stein",
     repulsion: float = 1.0,
     normalize_grads: bool = False,
@@ -114,9 +121,17 @@ def make_method(
       num_tasks: K.
       num_particles: M, networks per particle set (single-task trains K sets of M).
       kernel_space: ``"parameter"`` (default) or ``"function"`` for ``mtsgd`` /
-        ``moo_svgd``; ``"function"`` needs ``features``.
+        ``moo_svgd``; ``"function"`` needs ``features``. ``"split"`` for
+        ``mtsgd`` only (a ValueError for the others): needs ``heads`` and
+        ``features`` (see the module docstring).
       features: ``features(params, **extra_args) -> (M, p)`` for the
-        function-space kernel (see :func:`mtsgd_jax.training.function_features`).
+        function-space kernel (see :func:`mtsgd_jax.training.function_features`);
+        for ``"split"``, ``-> {"latent": (M, p), "head_0": (M, q), ...}`` (see
+        :func:`mtsgd_jax.training.recipe.split_features`).
+      heads: for ``"split"``: where the task heads are in the parameters, labels
+        or a layout (see :func:`mtsgd_jax.training.recipe.head_labels`).
+      reuse_cache: for ``"split"``: take the features from the trainer's forward
+        pass (``feature_cache=``) when it passes them.
       weighting: MT-SGD's ``weighting`` (``"stein"``, ``"normalized"``, ``"score"``).
       repulsion: MOO-SVGD's repulsion weight.
       normalize_grads: unit-norm task gradients in the QPs of ``moo_svgd``,
@@ -145,6 +160,24 @@ def make_method(
     k, m = int(num_tasks), int(num_particles)
     if k < 1 or m < 1:
         raise ValueError(f"make_method: need num_tasks >= 1 and num_particles >= 1, got {k} and {m}.")
+    if kernel_space == "split":
+        if name != "mtsgd":
+            others = "mgda, pareto_mtl, linear_scalarization and single_task have no kernel" if name != "moo_svgd" else (
+                "moo_svgd takes kernel_space='parameter' or 'function'")
+            raise ValueError(
+                f"kernel_space='split' is for method 'mtsgd' only (encoder MT-SGD + per-head SVGD), got {name!r}; "
+                f"{others}. Use kernel_space='parameter' or 'function' with {name!r}, or method 'mtsgd'."
+            )
+        if heads is None or features is None:
+            raise ValueError(
+                "mtsgd: kernel_space='split' needs heads= (where the task heads are) and features= "
+                "(params, **extra_args) -> {'latent': ..., 'head_k': ...}; build_method(task, ...) fills both."
+            )
+        renamed = sorted(set(transform_options) & set(_RENAMED))
+        if renamed:
+            raise ValueError(f"make_method: pass {', '.join(_RENAMED[k] + '=' for k in renamed)} instead of {renamed}.")
+        t = split_mtsgd(k, heads, features, weighting=weighting, solver=solver, reuse_cache=reuse_cache, **transform_options)
+        return Method(name, t, m, k, kernel_space="split")
     kernel_method = name in ("mtsgd", "moo_svgd")
     feats = None
     if kernel_method and kernel_space == "function":

@@ -51,6 +51,7 @@ import optax
 from mtsgd_jax.metrics.calibration import brier_score, expected_calibration_error
 from mtsgd_jax.models import init_ensemble
 from mtsgd_jax.training import checkpoint as _ckpt
+from mtsgd_jax.training import recipe as _recipe
 from mtsgd_jax.training.methods import Method, make_method, make_optimizer
 from mtsgd_jax.training.tasks import Task, make_task
 
@@ -112,6 +113,8 @@ class ResumeMismatchError(ValueError):
 
 # Settings that never change the run (recorded, never compared).
 _NOT_COMPARED = ("epochs",)
+# What a setting absent from an older checkpoint's config stood for.
+_CONFIG_DEFAULTS = {"warmup_epochs": 0, "recipe": None}
 # make_method options that each method uses (the others are ignored by it and not recorded).
 _METHOD_OPTIONS = {
     "mtsgd": ("weighting", "solver"),
@@ -138,22 +141,14 @@ def _jsonable(value):
     return json.loads(json.dumps(value))
 
 
-def _precomputed(params, feats, pullback):
-    """``feats`` as a function of ``params`` whose VJP is ``pullback``: the trainer's forward pass
-    already computed the features and their pullback, so the kernel step reuses both."""
+_precomputed = _recipe._precomputed
 
-    @jax.custom_vjp
-    def f(p):
-        return feats
 
-    def fwd(p):
-        return feats, None
-
-    def bwd(_, ct):
-        return (pullback(ct),)
-
-    f.defvjp(fwd, bwd)
-    return f(params)
+def _cached(feature_cache, name="outputs"):
+    """The ``(features, pullback)`` pair ``name`` of a feature cache (a dict of named pairs, or one pair)."""
+    if isinstance(feature_cache, dict):
+        return feature_cache.get(name)
+    return feature_cache
 
 
 def function_features(task: Task, num_examples: int | None = None, *, fast: bool = True) -> Callable:
@@ -165,15 +160,16 @@ def function_features(task: Task, num_examples: int | None = None, *, fast: bool
     argument), flattened; with ``num_examples`` only the batch's first
     ``num_examples`` inputs are used (cheaper). Batch-norm networks run in
     training mode (batch statistics), like the loss. ``feature_cache``, passed
-    by :class:`Trainer` (full batch only), is ``(features (P, p), pullback)``
-    from the step's own forward pass: the features are then not computed again
-    and their VJP reuses that pass. ``fast``: use the task's fast ensemble
+    by :class:`Trainer` (full batch only), is ``{"outputs": (features (P, p), pullback)}``
+    from the step's own forward pass (a bare pair is accepted too): the features
+    are then not computed again and their VJP reuses that pass. ``fast``: use the task's fast ensemble
     forward pass when it has one (:meth:`Task.ensemble_forward`).
     """
 
     def features(params, *, inputs=None, model_state=None, feature_cache=None, **_):
-        if feature_cache is not None and num_examples is None:
-            feats, pullback = feature_cache
+        cached = _cached(feature_cache)
+        if cached is not None and num_examples is None:
+            feats, pullback = cached
             return _precomputed(params, feats, pullback)
         if inputs is None:
             raise ValueError("function-space kernel: the update needs the batch, extra argument inputs=x.")
@@ -196,10 +192,37 @@ def build_method(
 ) -> Method:
     """:func:`~mtsgd_jax.training.make_method` for ``task``, with the function-space features built in.
 
+    ``kernel_space="split"`` (``mtsgd`` only): the heads are found in
+    ``task.model``'s parameters (:func:`~mtsgd_jax.training.recipe.head_layout`;
+    ``heads=`` overrides) and checked now, and the latent / head features come
+    from :func:`~mtsgd_jax.training.recipe.split_features`. ``feature_examples``:
+    the kernels see only the batch's first this many examples (the features are
+    then computed again instead of reused from the step's forward pass).
     ``fast`` (default True): the features use the task's fast ensemble forward pass.
+
+    Raises:
+      ValueError: ``"split"`` with another method than ``mtsgd``, or a model
+        without recognisable heads or without ``return_features=``.
     """
-    feats = function_features(task, feature_examples, fast=fast) if kernel_space == "function" else None
+    if kernel_space == "split":
+        if name == "mtsgd":
+            _recipe.check_latent_features(task.model)
+            layout = options.pop("heads", None) or _recipe.head_layout(task.model)
+            shapes = _param_shapes(task)
+            labels = _recipe.head_labels(layout, shapes, task.num_tasks)
+            options.update(heads=labels, reuse_cache=feature_examples is None)
+        feats = _recipe.split_features(task, feature_examples, fast=fast)
+    else:
+        feats = function_features(task, feature_examples, fast=fast) if kernel_space == "function" else None
     return make_method(name, task.num_tasks, num_particles, kernel_space=kernel_space, features=feats, **options)
+
+
+def _param_shapes(task: Task):
+    """ONE network's parameter shapes (``jax.ShapeDtypeStruct`` leaves), without computing anything."""
+    variables = jax.eval_shape(
+        lambda k: task.model.init(k, jnp.asarray(task.sample_input), **task.init_kwargs()), jax.random.key(0)
+    )
+    return variables["params"]
 
 
 def _task_weights(method: Method) -> np.ndarray:
@@ -231,6 +254,13 @@ class Trainer:
         when its model has one (:func:`mtsgd_jax.models.ensemble_forward`);
         ``False`` always vmaps the flax module (same results up to
         floating-point reassociation).
+      warmup_epochs: the first this many epochs (default 0) descend the linear
+        scalarisation ``sum_k w_ik L_k`` on network i, with the preferences ``w``
+        (P, K) of :func:`~mtsgd_jax.training.recipe.warmup_preferences` (K = 2:
+        ``(i / (P - 1), 1 - i / (P - 1))``); then ``method``. The warm-up step
+        (:meth:`warmup_step`) moves the optimiser's state but not the method's.
+        Part of :meth:`config`, so a resumed run knows whether it is still in
+        the warm-up. Not for ``single_task`` (its networks serve one task each).
     """
 
     def __init__(
@@ -244,6 +274,7 @@ class Trainer:
         key_impl: str | None = None,
         settings: dict | None = None,
         fast: bool = True,
+        warmup_epochs: int = 0,
     ):
         if method.num_tasks != task.num_tasks:
             raise ValueError(f"method has K={method.num_tasks} tasks but task {task.name!r} has K={task.num_tasks}.")
@@ -268,8 +299,18 @@ class Trainer:
             self.settings = _jsonable(dict(settings or {}))
         except (TypeError, ValueError) as e:
             raise ValueError(f"settings must be a JSON-serialisable dict, got {settings!r} ({e}).") from None
+        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, (int, np.integer)) or warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be a non-negative int, got {warmup_epochs!r}.")
+        self.warmup_epochs = int(warmup_epochs)
+        if self.warmup_epochs and method.assignment is not None:
+            raise ValueError(
+                f"warmup_epochs={self.warmup_epochs}: a linear-scalarisation warm-up does not apply to "
+                f"{method.name!r} (each of its networks serves one task); use warmup_epochs=0."
+            )
+        self.warmup_weights = _recipe.warmup_preferences(method.num_particles, method.num_tasks)
         self._task_weights = _task_weights(method)
         self.step = jax.jit(self._step)
+        self.warmup_step = jax.jit(self._warmup_step)
         self._predict = jax.jit(self._predict_fn)
 
     # ------------------------------------------------------------------ state
@@ -288,43 +329,62 @@ class Trainer:
         """``(losses (K, P), gradients, new model state)``: :meth:`_forward_and_grads` without the feature cache."""
         return self._forward_and_grads(params, model_state, x, y)[:3]
 
-    def _forward_and_grads(self, params, model_state, x, y):
+    def _feature_names(self) -> tuple[str, ...]:
+        """Names of the features the method's kernels take from the step's forward pass."""
+        if self.method.kernel_space == "function":
+            return ("outputs",)
+        if self.method.kernel_space == "split":
+            return ("latent",) + tuple(f"head_{k}" for k in range(self.task.num_tasks))
+        return ()
+
+    def _forward_and_grads(self, params, model_state, x, y, scalarization=None):
         """Per-task losses (K, P), their gradients and the new model state, from ONE forward pass.
 
         All P networks run in one forward pass (the task's fast ensemble pass when
         it has one, else the flax module vmapped over networks); its VJP is applied
         to K cotangents at once (vmapped), giving leaves (K, P, ...), or to the
-        (P, K) scalarisation weights, giving leaves (P, ...). With the
-        function-space kernel the network outputs it needs are a second output of
-        the same pass; the fourth result is then ``(features (P, p), pullback)``
-        (else None).
+        (P, K) scalarisation weights (``scalarization``, default the method's),
+        giving leaves (P, ...). The features the method's kernels need are further
+        outputs of the same pass; the fourth result is then the feature cache
+        ``{name: (features (P, p), pullback)}`` (else None): ``"outputs"`` (the
+        function-space kernel: each network's outputs) or ``"latent"`` and
+        ``"head_0"`` ... ``"head_{K-1}"`` (the split kernels: encoder outputs and
+        each head's outputs). ``pullback`` maps a (P, p) cotangent to one shaped
+        like ``params`` through the same pass.
         """
         task, k = self.task, self.task.num_tasks
-        scal = self.method.scalarization
-        want_features = self.method.kernel_space == "function"
+        scal = self.method.scalarization if scalarization is None else scalarization
+        names = self._feature_names() if scalarization is None else ()
+        split = "latent" in names
 
         def f(q):
-            out, new_s = task.ensemble_forward(q, model_state, x, train=True, fast=self.fast)
+            if split:
+                out, latent, new_s = _recipe.forward_with_latent(task, q, model_state, x, train=True, fast=self.fast)
+            else:
+                out, new_s = task.ensemble_forward(q, model_state, x, train=True, fast=self.fast)
             values = jax.vmap(lambda o: task.per_task_losses(o, y))(out)  # (P, K)
-            if want_features:
-                return (values, jax.vmap(task.function_outputs)(out)), new_s
-            return values, new_s
+            if split:
+                return (values, _recipe.named_outputs(task, out, latent)), new_s
+            if names:
+                return (values, {"outputs": jax.vmap(task.function_outputs)(out)}), new_s
+            return (values, {}), new_s
 
-        primal, vjp, new_state = jax.vjp(f, params, has_aux=True)
-        values, feats = primal if want_features else (primal, None)
+        (values, feats), vjp, new_state = jax.vjp(f, params, has_aux=True)
         p = values.shape[0]
-
-        def cotangent(ct):
-            return (ct, jnp.zeros_like(feats)) if want_features else ct
+        zeros = {n: jnp.zeros_like(v) for n, v in feats.items()}
 
         if scal is None:
             cts = jnp.broadcast_to(jnp.eye(k, dtype=values.dtype)[:, None, :], (k, p, k))
-            grads = jax.vmap(lambda c: vjp(cotangent(c))[0])(cts)  # leaves (K, P, ...)
+            grads = jax.vmap(lambda c: vjp((c, zeros))[0])(cts)  # leaves (K, P, ...)
         else:
-            grads = vjp(cotangent(jnp.asarray(scal, values.dtype)))[0]  # leaves (P, ...)
+            grads = vjp((jnp.asarray(scal, values.dtype), zeros))[0]  # leaves (P, ...)
         cache = None
-        if want_features:
-            cache = (feats, lambda c: vjp((jnp.zeros_like(values), c))[0])
+        if names:
+
+            def pullback(name):
+                return lambda c: vjp((jnp.zeros_like(values), {**zeros, name: c.astype(feats[name].dtype)}))[0]
+
+            cache = {n: (feats[n], pullback(n)) for n in names}
         return values.T, grads, new_state, cache
 
     def _step(self, state: TrainState, x, y):
@@ -337,12 +397,25 @@ class Trainer:
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, new_model_state, opt_state), values
 
+    def _warmup_step(self, state: TrainState, x, y):
+        """One warm-up step (linear scalarisation with :attr:`warmup_weights`): the optimiser descends
+        ``sum_k w_ik L_k`` on network i; the method's state is left as it is."""
+        w = jnp.asarray(self.warmup_weights, jnp.result_type(*jax.tree_util.tree_leaves(state.params)))
+        values, grads, new_model_state, _ = self._forward_and_grads(
+            state.params, state.model_state, x, y, scalarization=w
+        )
+        method_state, opt_inner = state.opt_state
+        updates, opt_inner = self.optimizer.update(grads, opt_inner, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, new_model_state, (method_state, opt_inner)), values
+
     def train_epoch(self, state: TrainState, *, seed: int, epoch: int, progress: bool = False):
         """One epoch: ``(state, train loss per task (K,), seconds, steps)``.
 
         With ``progress``, a tqdm bar counts the steps that have finished.
         The training loss of task k is its mean over the epoch's batches and over
-        the particles serving task k, measured before each step.
+        the particles serving task k, measured before each step. Epochs before
+        ``warmup_epochs`` take :meth:`warmup_step`, the others :meth:`step`.
         """
         data = self.task.train_data
         n_batches = len(data) // self.batch_size
@@ -353,8 +426,9 @@ class Trainer:
             bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}", unit="batch", leave=False)
         start = time.perf_counter()
         acc = []
+        step = self.warmup_step if epoch < self.warmup_epochs else self.step
         for x, y in data.batches(self.batch_size, seed=seed, epoch=epoch, drop_last=True):
-            state, values = self.step(state, x, y)
+            state, values = step(state, x, y)
             if bar is not None and acc:
                 # The previous step has finished once its (K, P) losses are ready; waiting for it
                 # (not for the step just dispatched) keeps one step in flight and copies nothing.
@@ -447,7 +521,8 @@ class Trainer:
         """A JSON description of the run (stored with checkpoints, checked on resume).
 
         The task, method, number of networks and tasks, kernel space, batch size,
-        data sizes, the initialisation key's PRNG implementation, and ``settings``.
+        data sizes, the initialisation key's PRNG implementation, the number of
+        warm-up epochs, and ``settings``.
         """
         return {
             "task": self.task.name,
@@ -459,6 +534,7 @@ class Trainer:
             "num_train": len(self.task.train_data),
             "num_eval": len(self.task.eval_data),
             "key_impl": self.key_impl,
+            "warmup_epochs": self.warmup_epochs,
             **self.settings,
         }
 
@@ -583,6 +659,8 @@ class Trainer:
                 "seconds": seconds,
                 "steps": steps,
             }
+            if epoch < self.warmup_epochs:
+                rec["warmup"] = True
             last = epoch + 1 == epochs
             if last or (epoch + 1) % eval_every == 0:
                 t0 = time.perf_counter()
@@ -617,6 +695,8 @@ class Trainer:
 def _config_diff(saved: dict, requested: dict) -> dict:
     """``{name: (saved, requested)}`` of the compared settings that differ (absent reads as None)."""
     names = (set(saved) | set(requested)) - set(_NOT_COMPARED)
+    saved = {**_CONFIG_DEFAULTS, **saved}
+    requested = {**_CONFIG_DEFAULTS, **requested}
     return {k: (saved.get(k), requested.get(k)) for k in sorted(names) if saved.get(k) != requested.get(k)}
 
 
@@ -672,7 +752,9 @@ def train(
     lr: float | None = None,
     momentum: float = 0.9,
     seed: int = 0,
-    kernel_space: str = "parameter",
+    kernel_space: str | None = None,
+    warmup_epochs: int | None = None,
+    recipe: str | None = None,
     data_dir=None,
     num_train: int | None = None,
     num_eval: int | None = None,
@@ -691,10 +773,21 @@ def train(
 
     ``None`` for ``epochs``, ``batch_size``, ``optimizer`` or ``lr`` takes the
     task's default (:class:`~mtsgd_jax.training.TaskDefaults`); ``momentum``
-    is used by the ``"momentum"`` optimiser only. The optimiser's name, ``lr``
-    and ``momentum``, the method's options (those it uses, defaults filled in),
-    ``feature_examples`` and the task's options are recorded as the trainer's
-    settings (compared on resume; ``allow_changed`` as in :meth:`Trainer.fit`).
+    is used by the ``"momentum"`` optimiser only. ``kernel_space`` (default
+    ``"parameter"``) and ``warmup_epochs`` (default 0) are those of
+    :func:`build_method` and :class:`Trainer`.
+
+    ``recipe="published"``: the MT-SGD reference code's network recipe
+    (:mod:`~mtsgd_jax.training.recipe`): ``kernel_space="split"``,
+    ``warmup_epochs=1`` and plain SGD (``optimizer="sgd"``) with the task's
+    default learning rate when that default is an SGD one (the Multi-* tasks:
+    1e-2), else 1e-2. Each of these applies only where the argument is None, so
+    any of them can be overridden (e.g. ``recipe="published", lr=5e-3``).
+
+    The optimiser's name, ``lr`` and ``momentum``, the method's options (those it
+    uses, defaults filled in), ``feature_examples``, the recipe's name (when
+    given) and the task's options are recorded as the trainer's settings
+    (compared on resume; ``allow_changed`` as in :meth:`Trainer.fit`).
     Returns ``(trainer, result)``. Data errors (``FileNotFoundError``,
     :class:`~mtsgd_jax.data.DataFormatError`) propagate from :func:`make_task`.
     """
@@ -702,18 +795,24 @@ def train(
     if isinstance(task, str):
         task = make_task(task, data_dir, num_train=num_train, num_eval=num_eval, **task_options)
     method_options = dict(method_options or {})
+    preset = {} if recipe is None else _recipe.recipe_options(recipe, task)
+    kernel_space = kernel_space if kernel_space is not None else preset.get("kernel_space", "parameter")
+    warmup_epochs = warmup_epochs if warmup_epochs is not None else preset.get("warmup_epochs", 0)
     m = build_method(task, method, num_particles, kernel_space=kernel_space, **method_options)
-    opt_name = optimizer or task.defaults.optimizer
-    lr = lr if lr is not None else task.defaults.lr
+    opt_name = optimizer or preset.get("optimizer") or task.defaults.optimizer
+    lr = lr if lr is not None else preset.get("lr", task.defaults.lr)
     opt = make_optimizer(opt_name, lr, momentum=momentum)
     settings = {
         "optimizer": opt_name,
         "lr": float(lr),
         "momentum": float(momentum) if opt_name == "momentum" else None,
+        **({"recipe": recipe} if recipe is not None else {}),
         **_method_settings(method, method_options),
         **{k: v for k, v in sorted(task_options.items()) if k not in _TASK_OPTIONS_IGNORED},
     }
-    trainer = Trainer(task, m, opt, batch_size=batch_size, key_impl=key_impl, settings=settings)
+    trainer = Trainer(
+        task, m, opt, batch_size=batch_size, key_impl=key_impl, settings=settings, warmup_epochs=warmup_epochs
+    )
     result = trainer.fit(
         task.defaults.epochs if epochs is None else epochs,
         seed=seed,
