@@ -6,7 +6,7 @@ import argparse
 import sys
 import warnings
 
-from mtsgd_jax.cli._common import positive_float, positive_int, set_requires, spec_checked_by
+from mtsgd_jax.cli._common import non_negative_int, positive_float, positive_int, set_requires, spec_checked_by
 
 # Kept literal (not imported from mtsgd_jax.training) so that ``mtsgd --help`` stays fast.
 _TASKS = ("multi-digits", "multi-mnist", "multi-fashion", "multi-fashion-mnist", "sarcos", "celeba")
@@ -25,7 +25,8 @@ def register(sub) -> None:
         "batch 64). 'single_task' trains K independent sets of M networks, set k on task k only. "
         "--resume continues from the newest intact checkpoint (damaged ones are skipped with a warning) and "
         "refuses settings other than the checkpoint's (exit status 2, each difference listed) unless "
-        "--allow-changed names them; --epochs may always change.",
+        "--allow-changed names them; --epochs may always change. --recipe published trains with the MT-SGD "
+        "reference code's recipe (split function-space kernels, one warm-up epoch, SGD).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--task", default="multi-digits", choices=_TASKS, help="problem (multi-digits needs no data files)")
@@ -45,8 +46,17 @@ def register(sub) -> None:
     p.add_argument("--num-eval", type=positive_int, default=None, help="use only this many evaluation examples")
     p.add_argument("--out", default="outputs/train", help="output directory (created if missing)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and mini-batch order seed")
-    p.add_argument("--kernel-space", default="parameter", choices=("parameter", "function"),
-                   help="mtsgd / moo_svgd kernel: on the parameters, or on each network's outputs on the batch")
+    p.add_argument("--kernel-space", default=None, choices=("parameter", "function", "split"),
+                   help="mtsgd / moo_svgd kernel: on the parameters, or on each network's outputs on the batch; "
+                   "'split' (mtsgd only): encoder MT-SGD with a kernel on latent features, per-head SVGD with a "
+                   "kernel on each head's outputs (default: parameter, or the recipe's)")
+    p.add_argument("--warmup-epochs", type=non_negative_int, default=None,
+                   help="first epochs of linear scalarisation with per-network preferences (i/(M-1), 1-i/(M-1)) "
+                   "before the method (default: 0, or the recipe's)")
+    p.add_argument("--recipe", default=None, choices=("published",),
+                   help="'published': the MT-SGD reference code's network recipe = --kernel-space split, "
+                   "--warmup-epochs 1, --optimizer sgd with the task's SGD learning rate (1e-2 otherwise); "
+                   "each can still be given explicitly")
     p.add_argument("--weighting", default=None, choices=("stein", "normalized", "score"),
                    help="MT-SGD's weighting (default stein; the same as --method mtsgd:weighting=...)")
     p.add_argument("--eval-every", type=positive_int, default=1, help="evaluate every this many epochs")
@@ -139,6 +149,8 @@ def run(args) -> int:
                 lr=args.lr,
                 seed=args.seed,
                 kernel_space=args.kernel_space,
+                warmup_epochs=args.warmup_epochs,
+                recipe=args.recipe,
                 out_dir=args.out,
                 resume=args.resume,
                 progress=args.progress,
@@ -160,6 +172,9 @@ def run(args) -> int:
         print(f"mtsgd train: cannot --resume: {e}", file=sys.stderr)
         return 2
     except ValueError as e:
+        if str(e).startswith("kernel_space='split'") or "warmup_epochs=" in str(e):
+            print(f"mtsgd train: {e}", file=sys.stderr)
+            return 2
         if not str(e).startswith("allow_changed names unknown settings"):
             raise
         print(f"mtsgd train: --allow-changed: {e}", file=sys.stderr)
