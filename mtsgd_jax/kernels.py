@@ -834,7 +834,7 @@ def _block_sums(kernel: RadialKernel, h: Array, blocks: _Blocks, v: Array, i):
         sums = sums.reshape(p + 1, b)
         rep, tr_rows = sums[:p].T, sums[p]
     else:
-        rep = _repulsion(dfc, z, zb, rows)
+        rep = 0.5 * _repulsion(dfc, z, zb, rows)  # sum_a df (z_a - z_m), like the branch above: 2 / h comes below
         tr_rows = jnp.sum(tr_terms, axis=1)
     zero = jnp.zeros((), kv.dtype)
     kv = jnp.where(okb[:, None], kv, zero)
