@@ -22,7 +22,7 @@ def zdt_main(monkeypatch):
 
 def test_zdt_end_to_end(tmp_path, capsys, zdt_main):
     out = tmp_path / "zdt3"
-    methods = ["mtsgd", "moo_svgd_obj:T=0.1,h=0.05"]
+    methods = ["mtsgd_obj:T=0.1,T_end=0.05,h=0.01,normalize_grads=1,momentum=0.5,box=0", "moo_svgd_obj:T=0.1,h=0.05"]
     code = zdt_main(
         ["zdt", "--out", str(out), "--seeds", "3", "--num-particles", "8", "--steps", "200", "--num-variables", "5",
          "--trace-every", "100", "--methods", *methods, "--no-progress"]
@@ -46,7 +46,9 @@ def test_zdt_end_to_end(tmp_path, capsys, zdt_main):
         assert final["igd"] >= final["igd_plus"] >= 0.0 and final["gd"] >= 0.0
         assert 0 <= final["segments"] <= 5 and 1 <= final["non_dominated"] <= 8
         (lo, hi), = rec["particle_range"]
-        assert exp.BOX[0] - 1e-7 <= lo <= hi <= exp.BOX[1] + 1e-7  # particles stayed in the box
+        box = (0.0, 1.0) if label.endswith("box=0") else exp.BOX
+        assert rec["box"] == list(box)
+        assert box[0] - 1e-7 <= lo <= hi <= box[1] + 1e-7  # particles stayed in the box
         objs = jnp.asarray(rec["final_objectives"])
         assert objs.shape == (1, 8, 2) and bool(jnp.all(jnp.isfinite(objs)))
         assert bool(jnp.all((objs[..., 0] >= 0.0) & (objs[..., 0] <= 1.0)))  # f1 = theta_1
@@ -81,14 +83,25 @@ def test_method_specs():
     assert exp.parse_method("mtsgd:weighting=normalized").options == {"weighting": "normalized"}
     assert exp.parse_method("mtsgd:solver=enumerate,warm_start=0,h=median").options == {"solver": "enumerate", "warm_start": False, "h": "median"}
     assert exp.parse_method(" linear ") == exp.MethodSpec("linear", "linear_scalarization", {})
+    assert exp.parse_method("mtsgd:normalize=1").options == {"normalize_grads": True}  # the experiment's option for mtsgd
+    assert exp.parse_method(exp.TUNED_MTSGD).options == {"space": "objectives", "T": 0.1, "h": 0.001, "normalize_grads": True}
+    assert exp.parse_method("linear:T_end=0.01,momentum=0.5,box=0").options == {"T_end": 0.01, "momentum": 0.5, "box": 0.0}
+    for config in exp.CONFIGS.values():
+        assert [exp.parse_method(m).label for m in config.methods] == list(config.methods)
+    assert exp.TUNED_MTSGD in exp.DEFAULT_METHODS and exp.TUNED_MTSGD == exp.ABLATION_METHODS[0]
+    assert exp.TUNED_MTSGD in exp.TUNING_METHODS and exp.CONFIGS["tuning"].seeds == exp.TUNING_SEEDS
     assert exp.parse_method("linear_scalarization:lr=0.01").options == {"lr": 0.01}
     for label in exp.DEFAULT_METHODS:
         assert exp.parse_method(label).label == label
     bad = [
         ("svgd", r"unknown method 'svgd' in 'svgd'; expected one of \('mtsgd', 'moo_svgd', 'mgda', 'linear_scalarization'"),
         ("mtsgd:T=0", r"method 'mtsgd:T=0': option 'T': expected a positive number, got '0'"),
-        ("mtsgd:normalize=1", r"unknown option 'normalize_grads' for mtsgd; valid options: solver, warm_start, weighting, block_size, T, lr, h, space\.$"),
-        ("linear:h=0.1", r"method 'linear:h=0.1': unknown option 'h' for linear_scalarization; valid options: T, lr\.$"),
+        ("mtsgd:bogus=1", r"unknown option 'bogus' for mtsgd; valid options: solver, warm_start, weighting, block_size, T, lr, T_end, momentum, box, h, space, normalize_grads\.$"),
+        ("linear:h=0.1", r"method 'linear:h=0.1': unknown option 'h' for linear_scalarization; valid options: T, lr, T_end, momentum, box\.$"),
+        ("mtsgd:momentum=1", r"option 'momentum': expected a number in \[0, 1\), got '1'"),
+        ("mgda:box=0.5", r"option 'box': expected a number in \[0, 0\.5\), got '0\.5'"),
+        ("mtsgd:T_end=0", "option 'T_end': expected a positive number, got '0'"),
+        ("mtsgd:normalize_grads=maybe", "option 'normalize_grads': expected a bool"),
         ("mtsgd_obj:weighting=normalized", "weighting=normalized is not available with space=objectives"),
         ("mgda:T", "'T' is not key=value"),
         ("mgda:axis_name=i", "unknown option 'axis_name' for mgda"),  # not a setting of this experiment
@@ -98,7 +111,7 @@ def test_method_specs():
         ("moo_svgd:space=features", r"option 'space': expected theta or objectives, got 'features'"),
         ("moo_svgd_obj:space=theta", "option 'space' is given twice"),
         ("mtsgd:weighting=scores", r"option 'weighting' of mtsgd must be one of \('stein', 'normalized', 'score'\)"),
-        ("moo_svgd:repulsion=-1", "repulsion must be a non-negative number"),  # the factory's own check
+        ("moo_svgd:repulsion=-1", "repulsion must be a (finite )?non-negative number"),  # the factory's own check
         ("mtsgd:block_size=0", "block_size must be a positive int"),
     ]
     for spec, match in bad:
@@ -128,7 +141,7 @@ def test_build_optimizer_is_the_transformation_with_the_spec_options(dtype):
     import optax
 
     from mtsgd_jax import kernels
-    from mtsgd_jax.transforms import linear_scalarization, mgda, moo_svgd, mtsgd, preference_vectors, project_box
+    from mtsgd_jax.transforms import linear_scalarization, mgda, moo_svgd, mtsgd, normalize_target_grads, preference_vectors, project_box
 
     m, n, lr = 6, 4, 1e-3
     prob = exp.zdt("zdt3", n)
@@ -146,14 +159,29 @@ def test_build_optimizer_is_the_transformation_with_the_spec_options(dtype):
         ("mgda:normalize_grads=1", chain(mgda(2, normalize_grads=True))),
         ("linear", chain(linear_scalarization(2, preference_vectors(m, 2)))),
     ]
+    steps = 40
+    cases += [
+        ("mtsgd_obj:T=0.1,h=0.001,normalize_grads=1",
+         optax.chain(normalize_target_grads(), optax.scale(1 / 0.1), mtsgd(2, kernels.rbf(0.001), features=feats),
+                     optax.adam(lr), project_box(*exp.BOX))),
+        ("mtsgd:normalize_grads=1,T_end=0.01,momentum=0.5,box=0",  # T from the experiment's temperature (0.5)
+         optax.chain(normalize_target_grads(), optax.scale(1 / 0.5), optax.scale_by_schedule(lambda c: (0.5 / 0.01) ** (c / 40.0)),
+                     mtsgd(2, kernels.rbf("median")), optax.trace(decay=0.5), optax.adam(lr), project_box(0.0, 1.0))),
+        ("mgda:T=0.2,T_end=0.1,box=0.25",  # T_end acts on every method; the target is tempered by run_zdt, not here
+         optax.chain(optax.scale_by_schedule(lambda c: (0.2 / 0.1) ** (c / 40.0)), mgda(2), optax.adam(lr), project_box(0.25, 0.75))),
+    ]
     programs = {}
     for label, direct in cases:
-        got = _program(exp.build_optimizer(exp.parse_method(label), prob, m, lr), x)
+        got = _program(exp.build_optimizer(exp.parse_method(label), prob, m, lr, temperature=0.5, steps=steps), x)
         assert got == _program(direct, x), label
         programs[label] = got
     # the options matter: without them the program differs
     assert _program(exp.build_optimizer(exp.parse_method("mtsgd_obj"), prob, m, lr), x) != programs["mtsgd_obj:T=0.03,h=0.01,weighting=score"]
     assert _program(exp.build_optimizer(exp.parse_method("mgda"), prob, m, lr), x) != programs["mgda:normalize_grads=1"]
+    plain = _program(exp.build_optimizer(exp.parse_method("mtsgd_obj:T=0.1,h=0.001"), prob, m, lr), x)
+    assert plain != programs["mtsgd_obj:T=0.1,h=0.001,normalize_grads=1"]
+    with pytest.raises(ValueError, match=r"method 'mgda:T_end=0\.1': T_end needs the number of steps"):
+        exp.build_optimizer(exp.parse_method("mgda:T_end=0.1"), prob, m, lr)
 
 
 def test_cli_rejects_bad_arguments(zdt_main, capsys):
@@ -217,4 +245,34 @@ def test_failing_figure_keeps_zdt3_json(tmp_path, capsys, zdt_main, monkeypatch)
         assert payload["summary"][label]["hv"]["std"] == pytest.approx(float(np.std(hv, ddof=1)), rel=1e-12)
         assert payload["methods"][label]["final"] == rec["final"] and payload["methods"][label]["steps"] == [0, 10, 20]
     assert (out / "zdt3_hv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the other figure was still drawn
-    assert sorted(os.listdir(out)) == ["zdt3.json", "zdt3_hv.png"]
+    assert sorted(os.listdir(out)) == ["zdt3.json", "zdt3_hv.png", "zdt3_table.md"]
+
+
+def test_config_selects_methods_and_seeds(tmp_path, capsys, zdt_main, monkeypatch):
+    """--config NAME runs that configuration's methods and seeds; --seeds / --methods override them."""
+    calls = []
+
+    def fake_run(seeds, methods, **kwargs):
+        calls.append((list(seeds), list(methods)))
+        return _fake_run_zdt(seeds, methods, **kwargs)
+
+    monkeypatch.setattr(exp, "run_zdt", fake_run)
+    for plot in ("plot_fronts", "plot_hv"):  # the figures are tested above; here only the choice of methods matters
+        monkeypatch.setattr(exp, plot, lambda result, path: path)
+    common = ["--steps", "20", "--trace-every", "10", "--num-particles", "4", "--num-variables", "3", "--no-progress"]
+    for name, config in exp.CONFIGS.items():
+        out = tmp_path / name
+        assert zdt_main(["zdt", "--config", name, "--out", str(out), *common]) == 0
+        assert calls[-1] == (list(config.seeds), list(config.methods))
+        payload = json.loads((out / "zdt3.json").read_text())
+        command = f"mtsgd zdt --config {name} --out {out} --steps 20 --num-particles 4 --num-variables 3 --trace-every 10"
+        assert payload["config"]["command"] == command
+        table = (out / "zdt3_table.md").read_text()
+        assert table.endswith(f"Command: `{command}`\n") and table.count("\n| `") == len(config.methods)
+    out = tmp_path / "override"
+    assert zdt_main(["zdt", "--config", "tuning", "--seeds", "7", "--methods", "linear", "--out", str(out), *common]) == 0
+    assert calls[-1] == ([7], ["linear"])
+    assert "--config tuning --out" in json.loads((out / "zdt3.json").read_text())["config"]["command"]
+    with pytest.raises(SystemExit):
+        zdt_main(["zdt", "--config", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err

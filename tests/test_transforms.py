@@ -863,3 +863,78 @@ def test_mtsgd_features_errors():
     t = mj.mtsgd(2, features=lambda p: p[:2])
     with pytest.raises(ValueError, match=r"features\(params\) must return an \(M, p\) array with M=4"):
         t.update(jnp.zeros((2, 4, 2)), t.init(x), x)
+
+
+# ---------------------------------------------------------------------------
+# normalize_target_grads
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_normalize_target_grads_against_numpy(dtype):
+    """Each (target, particle) gradient divided by its norm over every leaf together; a zero one stays zero."""
+    rng = np.random.default_rng(41)
+    a = rng.normal(size=(3, 4, 2)) * np.array([1e-3, 1.0, 1e3, 7.0])[None, :, None]
+    b = rng.normal(size=(3, 4, 2, 2))
+    a[1, 2], b[1, 2] = 0.0, 0.0  # target 1, particle 2: zero gradient
+    grads = {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)}
+    a32, b32 = np.asarray(grads["a"], np.float64), np.asarray(grads["b"], np.float64)  # the values as given
+    norm = np.sqrt(np.sum(a32**2, axis=2) + np.sum(b32**2, axis=(2, 3)))  # (K, M)
+    safe = np.where(norm > 0, norm, 1.0)
+    t = mj.transforms.normalize_target_grads()
+    out, state = jax.jit(t.update)(grads, t.init(None))
+    assert state == optax.EmptyState()
+    eps = float(jnp.finfo(dtype).eps)
+    assert out["a"].dtype == dtype and out["b"].dtype == dtype and out["b"].shape == (3, 4, 2, 2)
+    # a few roundings per entry: the sum of d = 6 squares, the square root, one division
+    np.testing.assert_allclose(np.asarray(out["a"], np.float64), a32 / safe[..., None], rtol=8 * eps, atol=0)
+    np.testing.assert_allclose(np.asarray(out["b"], np.float64), b32 / safe[..., None, None], rtol=8 * eps, atol=0)
+    assert not np.any(np.asarray(out["a"][1, 2])) and not np.any(np.asarray(out["b"][1, 2]))
+    got = np.sqrt(np.sum(np.asarray(out["a"], np.float64) ** 2, 2) + np.sum(np.asarray(out["b"], np.float64) ** 2, (2, 3)))
+    expect = np.where(norm > 0, 1.0, 0.0)
+    np.testing.assert_allclose(got, expect, rtol=0, atol=8 * eps)
+
+
+def test_normalize_target_grads_extreme_magnitudes_float32():
+    """Gradients near float32's overflow and underflow give unit vectors; a non-finite one stays in its own row."""
+    g = jnp.array(
+        [[[3e38, -3e38], [2e-38, 2e-38], [jnp.inf, 1.0]], [[2.0, 0.0], [0.0, -1e-30], [1.0, 1.0]]], jnp.float32
+    )  # (K=2, M=3, 2); squares of 3e38 overflow, of 2e-38 underflow (XLA's CPU flushes subnormals to 0)
+    t = mj.transforms.normalize_target_grads()
+    out = np.asarray(jax.jit(t.update)(g, t.init(None))[0], np.float64)
+    h = np.sqrt(0.5)
+    eps = float(jnp.finfo(jnp.float32).eps)
+    np.testing.assert_allclose(out[0, 0], [h, -h], rtol=4 * eps)
+    np.testing.assert_allclose(out[0, 1], [h, h], rtol=4 * eps)
+    np.testing.assert_allclose(out[1], [[1.0, 0.0], [0.0, -1.0], [h, h]], rtol=4 * eps, atol=0)
+    assert not np.all(np.isfinite(out[0, 2]))  # the infinite gradient: non-finite, and only there
+
+
+def test_normalize_target_grads_makes_mtsgd_invariant_to_gradient_scale():
+    """Before MT-SGD: rescaling any (target, particle) gradient by a power of two changes nothing."""
+    x = jax.random.normal(jax.random.key(42), (7, 3))
+    g = jnp.stack([x - 1.0, 2.0 * x + 1.0])
+    scales = 2.0 ** jax.random.randint(jax.random.key(43), (2, 7, 1), -20, 20).astype(x.dtype)
+    t = mj.transforms.normalize_target_grads()
+    norm = jax.jit(t.update)
+    n1, n2 = norm(g, t.init(None))[0], norm(g * scales, t.init(None))[0]
+    np.testing.assert_array_equal(np.asarray(n1), np.asarray(n2))  # powers of two: bit for bit
+    step = _jit_update(OPT2)
+    u1, s1 = step(5.0 * n1, OPT2.init(x), x)
+    # MT-SGD fed the unit gradients (times 5) computed independently
+    unit = np.asarray(g) / np.linalg.norm(np.asarray(g), axis=-1, keepdims=True)
+    u3, s3 = step(jnp.asarray(5.0 * unit), OPT2.init(x), x)
+    np.testing.assert_allclose(np.asarray(u1), np.asarray(u3), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(np.asarray(s1.weights), np.asarray(s3.weights), rtol=1e-12, atol=1e-13)
+
+
+def test_normalize_target_grads_errors():
+    t = mj.transforms.normalize_target_grads()
+    with pytest.raises(ValueError, match=r"grads\['b'\] has shape \(3,\); expected \(K, M, \.\.\.\)"):
+        t.update({"a": jnp.zeros((2, 3, 1)), "b": jnp.zeros(3)}, t.init(None))
+    with pytest.raises(ValueError, match=r"disagree on \(K, M\).*\[\(2, 3\), \(2, 4\)\]"):
+        t.update([jnp.zeros((2, 3, 1)), jnp.zeros((2, 4))], t.init(None))
+    with pytest.raises(ValueError, match="expected floats"):
+        t.update(jnp.zeros((2, 3, 1), jnp.int32), t.init(None))
+    with pytest.raises(ValueError, match="grads has no leaves"):
+        t.update({}, t.init(None))

@@ -108,16 +108,22 @@ from mtsgd_jax import report
 from mtsgd_jax.metrics import hypervolume_2d, igd, igd_plus, non_dominated_mask, segments_covered
 from mtsgd_jax.problems import zdt
 from mtsgd_jax.sampling import sample
-from mtsgd_jax.transforms import make_transform, parse_spec, preference_vectors, project_box, transform_options
+from mtsgd_jax.transforms import make_transform, normalize_target_grads, parse_spec, preference_vectors, project_box, transform_options
 
 __all__ = [
+    "ABLATION_METHODS",
     "BOX",
+    "CONFIGS",
     "DEFAULT_METHODS",
     "FRONT_POINTS",
     "METRICS",
     "PUBLISHED_REFERENCE_POINT",
     "REFERENCE_POINT",
     "MethodSpec",
+    "TUNED_MTSGD",
+    "TUNING_METHODS",
+    "TUNING_SEEDS",
+    "ZDTConfig",
     "build_optimizer",
     "main",
     "parse_method",
@@ -147,18 +153,69 @@ ALIASES = {
     "mtsgd_obj": "mtsgd:space=objectives",
     "linear": "linear_scalarization",
 }
+TUNED_MTSGD = "mtsgd_obj:T=0.1,h=0.001,normalize_grads=1"
+"""MT-SGD's best configuration (chosen on :data:`TUNING_SEEDS`, see :data:`TUNING_METHODS`)."""
+
 DEFAULT_METHODS = (
     "mtsgd",
     "mtsgd_obj",
     "mtsgd_obj:T=0.03,h=0.01",
+    TUNED_MTSGD,
     "moo_svgd",
     "moo_svgd_obj",
     "moo_svgd_obj:h=0.005",
     "mgda",
     "linear",
 )
-EXPERIMENT_OPTIONS = ("space", "h", "T", "lr")
-"""Options of a method spec that belong to the experiment, not to the transformation."""
+
+TUNING_SEEDS = (100, 101, 102, 103, 104)
+"""Seeds the configurations are chosen on; the reported runs use seeds 0-4."""
+
+TUNING_METHODS = tuple(
+    f"mtsgd_obj:T={t},h={h},normalize_grads=1" for t in (0.1, 0.05, 0.03, 0.02, 0.01) for h in (0.001, 0.002, 0.003, 0.01)
+) + ("mtsgd_obj:T=0.03,normalize_grads=1",)
+"""The grid :data:`TUNED_MTSGD` was chosen from: unit per-particle target gradients at temperature T (5 values)
+times the objective-space bandwidth h (4 fixed values), plus the median bandwidth at T = 0.03. Rule: the lowest
+sum of the two ranks (mean hypervolume at :data:`REFERENCE_POINT`, descending; mean IGD, ascending) over
+:data:`TUNING_SEEDS`."""
+
+ABLATION_METHODS = (
+    TUNED_MTSGD,
+    "mtsgd:T=0.1,normalize_grads=1",
+    "mtsgd_obj:T=0.1,normalize_grads=1",
+    "mtsgd_obj:T=0.1,h=0.01,normalize_grads=1",
+    "mtsgd_obj:T=0.1,h=0.001",
+    "mtsgd_obj:T=0.03,h=0.01",
+    "mtsgd_obj:h=0.001,normalize_grads=1",
+    "mtsgd_obj:T=0.1,h=0.001,normalize_grads=1,momentum=0.5",
+    "mtsgd_obj:T=0.1,h=0.001,normalize_grads=1,momentum=0.9",
+    "mtsgd_obj:T=0.3,T_end=0.03,h=0.001,normalize_grads=1",
+    "mtsgd_obj:T=0.1,h=0.001,normalize_grads=1,box=0",
+)
+""":data:`TUNED_MTSGD` and, one at a time, each of its ingredients switched off or replaced (kernel on theta;
+median or h = 0.01 objective-space bandwidth; raw tempered gradients; T = 1), or one added (momentum 0.5 / 0.9,
+temperature annealed geometrically 0.3 -> 0.03, the unit box instead of the clamp to [1e-6, 1 - 1e-6]); the
+earlier best ``mtsgd_obj:T=0.03,h=0.01`` for reference."""
+
+
+class ZDTConfig(NamedTuple):
+    """A named run of :func:`main` (``mtsgd zdt --config NAME``): its methods and seeds."""
+
+    methods: tuple
+    seeds: tuple
+    description: str
+
+
+CONFIGS = {
+    "default": ZDTConfig(DEFAULT_METHODS, (0, 1, 2, 3, 4), "every method, seeds 0-4 (the README's ZDT3 table)"),
+    "ablation": ZDTConfig(ABLATION_METHODS, (0, 1, 2, 3, 4), "the tuned MT-SGD and each ingredient on/off, seeds 0-4"),
+    "tuning": ZDTConfig(TUNING_METHODS, TUNING_SEEDS, "the grid the tuned MT-SGD was chosen from, tuning seeds 100-104"),
+}
+"""Named configurations of ``mtsgd zdt --config``."""
+
+EXPERIMENT_OPTIONS = ("space", "h", "T", "lr", "T_end", "momentum", "box", "normalize_grads")
+"""Options of a method spec that belong to the experiment, not to the transformation (``normalize_grads``
+belongs to the experiment for ``mtsgd`` only; ``moo_svgd`` and ``mgda`` have their own)."""
 _KERNEL_METHODS = ("mtsgd", "moo_svgd")
 _OPTION_ALIASES = {"normalize": "normalize_grads"}  # the name the experiment used first, still accepted
 # Transformation options a spec may not set: the experiment sets them (kernel from h, features from
@@ -196,6 +253,20 @@ def _bandwidth(text: str):
         raise ValueError(f"expected median or a positive number, got {text!r}") from None
 
 
+def _decay(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise ValueError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def _box_margin(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 0.5:
+        raise ValueError(f"expected a number in [0, 0.5), got {text!r}")
+    return value
+
+
 def _space(text: str) -> str:
     if text not in ("theta", "objectives"):
         raise ValueError(f"expected theta or objectives, got {text!r}")
@@ -227,9 +298,11 @@ def parse_method(spec: str) -> MethodSpec:
     for item in rest.split(","):
         key, eq, value = item.partition("=")
         items.append(f"{_OPTION_ALIASES[key.strip()]}={value}" if eq and key.strip() in _OPTION_ALIASES else item)
-    extra = {"T": _positive, "lr": _positive}
+    extra = {"T": _positive, "lr": _positive, "T_end": _positive, "momentum": _decay, "box": _box_margin}
     if name in _KERNEL_METHODS:
         extra.update(h=_bandwidth, space=_space)
+    if name == "mtsgd":
+        extra["normalize_grads"] = bool
     allowed = [k for k in transform_options(name) if k not in _NOT_IN_SPECS]
     expanded = f"{name}:{','.join(items)}"
     try:
@@ -264,25 +337,67 @@ def tempered_log_probs(name: str, num_variables: int, temperature: float) -> tup
     return (lambda theta: inv * f1(theta), lambda theta: inv * f2(theta))
 
 
-def build_optimizer(spec: MethodSpec, prob, num_particles: int, lr: float) -> optax.GradientTransformation:
-    """``optax.chain(<method>, adam(lr), project_box(*BOX))`` for one parsed method.
+def build_optimizer(
+    spec: MethodSpec, prob, num_particles: int, lr: float, *, temperature: float = 1.0, steps: int | None = None
+) -> optax.GradientTransformation:
+    """``optax.chain([pre...], <method>, [trace], adam(lr), project_box(box, 1 - box))`` for one parsed method.
 
     The method is :func:`~mtsgd_jax.transforms.make_transform` of ``spec.base``
     with the spec's transformation options; the experiment's options become
     the kernel (``h``), the features (``space``: ``prob.objectives`` of every
     particle) and the learning rate (``lr``); linear scalarisation gets one
-    preference vector per particle.
+    preference vector per particle. The optional stages, each present only
+    when its option is given:
+
+    * ``normalize_grads=1`` (``mtsgd``):
+      ``normalize_target_grads(), optax.scale(1 / T)`` before the method: every
+      particle's gradient of each (tempered) target scaled to norm ``1 / T``;
+    * ``T_end``: ``optax.scale_by_schedule`` before the method, so that the
+      temperature goes geometrically from ``T`` (first step) to ``T_end``
+      (after ``steps`` steps): the gradients are multiplied by
+      ``(T / T_end)^(count / steps)``;
+    * ``momentum``: ``optax.trace(decay=momentum)`` between the method and Adam
+      (heavy-ball momentum on the method's direction);
+    * ``box``: the projection box ``[box, 1 - box]`` instead of :data:`BOX`.
+
+    Args:
+      spec: a parsed method (:func:`parse_method`).
+      prob: the :class:`~mtsgd_jax.problems.zdt.ZDTProblem`.
+      num_particles: M.
+      lr: Adam's learning rate unless the spec sets ``lr``.
+      temperature: T unless the spec sets ``T`` (used by ``normalize_grads`` and ``T_end``).
+      steps: the run's length; required with ``T_end``.
     """
     o = spec.options
     lr = o.get("lr", lr)
-    options = {k: v for k, v in o.items() if k not in EXPERIMENT_OPTIONS}
+    t0 = o.get("T", temperature)
+    ours = EXPERIMENT_OPTIONS if spec.base == "mtsgd" else tuple(k for k in EXPERIMENT_OPTIONS if k != "normalize_grads")
+    options = {k: v for k, v in o.items() if k not in ours}
     if spec.base in _KERNEL_METHODS:
         options["kernel"] = _kernels.rbf(o.get("h", "median"))
         options["features"] = jax.vmap(prob.objectives) if o.get("space") == "objectives" else None
     elif spec.base == "linear_scalarization":
         options["weights"] = preference_vectors(num_particles, 2)
     stage = make_transform(spec.base, 2, **options)
-    return optax.chain(stage, optax.adam(lr), project_box(*BOX))
+    chain = []
+    if spec.base == "mtsgd" and o.get("normalize_grads", False):
+        chain += [normalize_target_grads(), optax.scale(1.0 / t0)]
+    if "T_end" in o:
+        if steps is None:
+            raise ValueError(f"method {spec.label!r}: T_end needs the number of steps (build_optimizer(..., steps=...)).")
+        ratio, n = t0 / o["T_end"], float(steps)
+        chain.append(optax.scale_by_schedule(lambda count: ratio ** (count / n)))
+    chain.append(stage)
+    if o.get("momentum"):
+        chain.append(optax.trace(decay=o["momentum"]))
+    return optax.chain(*chain, optax.adam(lr), project_box(*method_box(spec)))
+
+
+def method_box(spec: MethodSpec) -> tuple[float, float]:
+    """The projection box of a method: ``(box, 1 - box)`` with its ``box=`` option, else :data:`BOX`."""
+    if "box" in spec.options:
+        return (spec.options["box"], 1.0 - spec.options["box"])
+    return BOX
 
 
 def point_set_metrics(objs, front) -> dict:
@@ -342,7 +457,7 @@ def run_zdt(
         raise ValueError(f"methods must be distinct, got {labels}.")
     inits = [prob.init_particles(jax.random.key(int(s)), num_particles) for s in seeds]
     # Every optimiser is built and initialised before the first run: a bad option stops here.
-    opts = [build_optimizer(spec, prob, num_particles, lr) for spec in specs]
+    opts = [build_optimizer(spec, prob, num_particles, lr, temperature=temperature, steps=steps) for spec in specs]
     for opt in opts:
         opt.init(inits[0])
     bar = None
@@ -357,16 +472,17 @@ def run_zdt(
         start = time.perf_counter()
         compiled = jax.jit(lambda x: sample(target, opt, x, steps, trace_every=trace_every)).lower(inits[0]).compile()
         compile_s = time.perf_counter() - start
-        rec = {"temperature": t_k, "lr": spec.options.get("lr", lr), "compile_s": compile_s, "wall_s": [], "final": [], "objectives": [], "particle_range": []}
+        box = method_box(spec)
+        rec = {"temperature": t_k, "lr": spec.options.get("lr", lr), "box": box, "compile_s": compile_s, "wall_s": [], "final": [], "objectives": [], "particle_range": []}
         curves = {"hv": [], "hv_published": [], "igd": []}
         for seed, x0 in zip(seeds, inits):
             start = time.perf_counter()
             res = jax.block_until_ready(compiled(x0))
             rec["wall_s"].append(time.perf_counter() - start)
             snaps = np.asarray(res.trace.particles)
-            lo, hi = np.asarray(BOX[0], snaps.dtype), np.asarray(BOX[1], snaps.dtype)  # as project_box casts them
+            lo, hi = np.asarray(box[0], snaps.dtype), np.asarray(box[1], snaps.dtype)  # as project_box casts them
             if not np.all((snaps[1:] >= lo) & (snaps[1:] <= hi)):  # NaN fails too; snapshot 0 is the initial draw
-                raise RuntimeError(f"{spec.label}, seed {seed}: particles left the box {BOX} or are not finite.")
+                raise RuntimeError(f"{spec.label}, seed {seed}: particles left the box {box} or are not finite.")
             objs = jax.vmap(jax.vmap(prob.objectives))(res.trace.particles)  # (T, M, 2)
             hv, hv_pub, igd_t = _curves(objs, jnp.asarray(front, objs.dtype))
             for key, val in zip(curves, (hv, hv_pub, igd_t)):
@@ -567,6 +683,24 @@ def summary_rows(summary: dict) -> list[list[str]]:
     return rows
 
 
+def markdown_table(payload: dict, command: str | None = None) -> str:
+    """The summary of a :func:`main` payload as a markdown table (mean ± std over seeds), with the setting and command."""
+    c = payload["config"]
+    rows = summary_rows(payload["summary"])
+    lines = [
+        "| " + " | ".join(SUMMARY_HEADER) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(SUMMARY_HEADER) - 1)) + "|",
+    ]
+    lines += ["| " + " | ".join([f"`{r[0]}`"] + r[1:]) + " |" for r in rows]
+    head = (
+        f"ZDT3, n = {c['num_variables']}, M = {c['num_particles']}, {c['steps']} steps of Adam (lr {c['lr']:g}); "
+        f"mean ± std over seeds {', '.join(str(s) for s in c['seeds'])}; true front: HV (1.1, 1.1) = "
+        f"{payload['optimal']['hv']:.4f}, HV (0.990, 6.546) = {payload['optimal']['hv_published']:.4f}."
+    )
+    tail = [] if command is None else ["", f"Command: `{command}`"]
+    return "\n".join([head, ""] + lines + tail) + "\n"
+
+
 SUMMARY_HEADER = ["method", "HV (1.1, 1.1)", "HV (0.990, 6.546)", "IGD", "IGD+", "GD", "segments /5", "wall s"]
 
 
@@ -583,8 +717,11 @@ def main(
     trace_every: int = 100,
     progress: bool = True,
     print_fn: Callable[[str], None] = print,
+    command: str | None = None,
 ) -> dict:
-    """Run, write ``zdt3.json``, print a table, then plot ``zdt3_fronts.png`` and ``zdt3_hv.png`` into ``out``.
+    """Run, write ``zdt3.json`` and ``zdt3_table.md``, print a table, then plot ``zdt3_fronts.png`` and ``zdt3_hv.png`` into ``out``.
+
+    ``command``, when given, is recorded in both files as the command that reproduces them.
 
     Raises:
       mtsgd_jax.experiments.report.PlotError: a figure failed; the JSON is written and kept.
@@ -603,7 +740,7 @@ def main(
     )
     summary = summarise(result)
     payload = {
-        "config": result["config"] | {"seeds": result["seeds"], "methods": list(result["methods"])},
+        "config": result["config"] | {"seeds": result["seeds"], "methods": list(result["methods"]), "command": command},
         "notes": {
             "hv": "hypervolume of the final particles' objective vectors w.r.t. reference_point (dominated points add nothing)",
             "hv_published": "the same w.r.t. published_reference_point, the MOO-SVGD ZDT3 script's",
@@ -615,7 +752,8 @@ def main(
             "std": "sample standard deviation over seeds (ddof = 1)",
             "curves": "hv, hv_published and igd of the particles every trace_every steps (at the steps listed): mean and std over seeds",
             "final_objectives": "(seeds, M, 2) objective vectors of the final particles, per seed",
-            "particle_range": "per seed, [min, max] over every coordinate of the final particles (the box is [1e-6, 1 - 1e-6])",
+            "particle_range": "per seed, [min, max] over every coordinate of the final particles (inside the method's box)",
+            "box": "the method's projection box [lower, upper] (the box= option, else config.box)",
         },
         "optimal": result["optimal"],
         "machine": report.machine_info(),
@@ -624,6 +762,7 @@ def main(
             label: {
                 "temperature": rec["temperature"],
                 "lr": rec["lr"],
+                "box": rec.get("box", BOX),
                 "compile_s": rec["compile_s"],
                 "wall_s": rec["wall_s"],
                 "final": rec["final"],
@@ -640,9 +779,10 @@ def main(
     }
     # The results first: a failing figure must not lose them.
     js = _write_compact_json(os.path.join(out, "zdt3.json"), payload)
+    md = report.write_text(os.path.join(out, "zdt3_table.md"), markdown_table(payload, command))
     print_fn(report.format_table(SUMMARY_HEADER, summary_rows(summary)))
     print_fn(f"true front: HV (1.1, 1.1) = {result['optimal']['hv']:.4f}, HV (0.990, 6.546) = {result['optimal']['hv_published']:.4f}")
-    print_fn(f"wrote {js}")
+    print_fn(f"wrote {js} and {md}")
     fronts, hv_png = report.write_figures(
         [
             (lambda p: plot_fronts(result, p), os.path.join(out, "zdt3_fronts.png")),

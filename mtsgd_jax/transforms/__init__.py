@@ -11,7 +11,8 @@ optimiser later in the same ``optax.chain`` descends:
 * :func:`mgda` -- every particle's own min-norm common descent direction;
 * :func:`linear_scalarization` -- fixed (per-particle) weights;
 * :func:`pareto_mtl` -- Pareto MTL: one preference region per particle (needs ``losses=``);
-* :func:`project_box` -- last in a chain: keeps the particles in a box.
+* :func:`project_box` -- last in a chain: keeps the particles in a box;
+* :func:`normalize_target_grads` -- first in a chain: unit-norm per-particle, per-target gradients.
 
 The multi-target ones are also registered by name (:data:`TRANSFORMS`):
 :func:`make_transform` builds one from a spec such as
@@ -25,6 +26,7 @@ from mtsgd_jax.transforms._moo_svgd import MOOSVGDState, moo_svgd
 from mtsgd_jax.transforms._pareto_mtl import ParetoMTLState, pareto_mtl, pareto_mtl_preferences
 from mtsgd_jax.transforms._registry import TRANSFORMS, TransformSpec, format_spec, make_transform, parse_spec, transform_options
 from mtsgd_jax.transforms._mtsgd import WEIGHTINGS, MTSGDState, SVGDState, mtsgd, svgd
+from mtsgd_jax.transforms._normalize import normalize_target_grads
 from mtsgd_jax.transforms._scalarization import linear_scalarization, preference_vectors
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "mgda",
     "moo_svgd",
     "mtsgd",
+    "normalize_target_grads",
     "parse_spec",
     "pareto_mtl",
     "pareto_mtl_preferences",
