@@ -34,7 +34,21 @@ is accepted for it), and the experiment's own:
   through the objectives (the transformations' ``features=``);
 * ``h=median|<float>`` (``mtsgd``, ``moo_svgd``): the kernel bandwidth;
 * ``T=<temperature>`` (overrides ``--temperature``) and ``lr=<learning
-  rate>`` (overrides ``--lr``), for every method.
+  rate>`` (overrides ``--lr``), for every method;
+* ``normalize_grads=0|1`` (``mtsgd``): every particle's gradient of each target
+  scaled to unit norm, then by ``1 / T``
+  (:func:`~mtsgd_jax.transforms.normalize_target_grads` and ``optax.scale``
+  before the method): each target drives every particle equally hard, and T
+  alone sets the balance against the kernel repulsion;
+* ``T_end=<temperature>`` (every method): the temperature annealed
+  geometrically from T to ``T_end`` over the run (``optax.scale_by_schedule``
+  before the method);
+* ``momentum=<decay in [0, 1)>`` (every method): ``optax.trace`` between the
+  method and Adam;
+* ``box=<margin in [0, 0.5)>`` (every method): project onto
+  ``[box, 1 - box]`` instead of :data:`BOX` (``box=0``: the unit box).
+
+See :func:`build_optimizer` for the chain each spec builds.
 
 Temperature. MT-SGD and MOO-SVGD are samplers: each step balances a driving
 term (kernel-smoothed scores, ``∝ 1/T``) against the kernel repulsion
@@ -79,16 +93,29 @@ and final objective vectors.
 Default methods (:data:`DEFAULT_METHODS`): the five of the seed's setting
 (``mtsgd``, ``moo_svgd``, ``moo_svgd_obj``, ``mgda``, ``linear``, all at
 T = 1 with the median bandwidth), ``mtsgd_obj`` (MT-SGD with the objective
-kernel, T = 1, median), and the two kernel samplers with the temperature and
+kernel, T = 1, median), the two kernel samplers with the temperature and
 objective-space bandwidth chosen on separate tuning seeds 100-104 (highest
 mean hypervolume over the same (T, h) grid for both; see
 ``docs/results/zdt3/tuning.json``): ``mtsgd_obj:T=0.03,h=0.01`` and
-``moo_svgd_obj:h=0.005`` (T = 1).
+``moo_svgd_obj:h=0.005`` (T = 1), and :data:`TUNED_MTSGD` =
+``mtsgd_obj:T=0.1,h=0.001,normalize_grads=1``: unit per-particle target
+gradients at T = 0.1 and an objective-space bandwidth of 0.001, chosen on
+seeds 100-104 over :data:`TUNING_METHODS` (lowest sum of the HV and IGD
+ranks).
+
+Named configurations (:data:`CONFIGS`, ``mtsgd zdt --config NAME``):
+``default`` (the methods above, seeds 0-4), ``ablation``
+(:data:`ABLATION_METHODS`: :data:`TUNED_MTSGD` with each ingredient switched
+off, replaced or added, seeds 0-4) and ``tuning`` (:data:`TUNING_METHODS`,
+seeds 100-104); the recorded results are in ``benchmarks/results/zdt3_ablation``
+and ``benchmarks/results/zdt3_tuning``.
 
 Outputs (in ``out``): ``zdt3_fronts.png`` (one panel per method: the final
 objective vectors of every seed over the true front), ``zdt3_hv.png``
 (hypervolume for both reference points and IGD against the iteration, mean
-± std over seeds) and ``zdt3.json``. Command line: ``mtsgd zdt --help``.
+± std over seeds), ``zdt3.json`` and ``zdt3_table.md`` (the summary as a
+markdown table, with the command that reproduces it). Command line:
+``mtsgd zdt --help``.
 """
 
 from __future__ import annotations
