@@ -65,6 +65,14 @@ def test_zdt_end_to_end(tmp_path, capsys, zdt_main):
     for name in ("zdt3_fronts.png", "zdt3_hv.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    command = f"mtsgd zdt --config default --out {out} --seeds 3 --methods {' '.join(methods)} --steps 200 --num-particles 8 --num-variables 5"
+    assert payload["config"]["command"] == command
+    table = (out / "zdt3_table.md").read_text().splitlines()
+    assert table[-1] == f"Command: `{command}`"
+    rows = [line for line in table if line.startswith("| `")]
+    assert [r.split("`")[1] for r in rows] == methods
+    hv = payload["summary"][methods[0]]["hv"]
+    assert rows[0].split(" | ")[1] == f"{hv['mean']:.3f} ± {hv['std']:.3f}"
 
 
 def test_point_set_metrics_on_the_true_front():
