@@ -119,10 +119,10 @@ def _all_encoder(tree):
 
 
 def _stacked_dense(params, key):
-    """``params[key]`` is a dense layer whose kernel's last axis (bias's only axis) or axis 1 indexes the tasks."""
+    """Labels with ``params[key]`` the heads: a layer whose kernel's axis 1 and bias's axis 0 index the
+    tasks (MultiHeadDense: (D, K, C) and (K, C); a dense layer with one output per task: (D, K) and (K,))."""
     labels = {k: _all_encoder(v) for k, v in params.items() if k != key}
-    kernel_axis = 1
-    labels[key] = {"kernel": Head(axis=kernel_axis), "bias": Head(axis=0)}
+    labels[key] = {"kernel": Head(axis=1), "bias": Head(axis=0)}
     return labels
 
 
@@ -405,7 +405,7 @@ def split_mtsgd(
         missing = [n for n in names if n not in feats]
         if missing:
             raise ValueError(f"split_mtsgd: features(params) must return a dict with keys {list(names)}; missing {missing}.")
-        zeros = {n: jnp.zeros_like(feats[n]) for n in names}
+        zeros = {n: jnp.zeros_like(v) for n, v in feats.items()}
 
         def pullback(name):
             return lambda c: vjp({**zeros, name: c.astype(feats[name].dtype)})[0]
