@@ -371,15 +371,16 @@ def test_resume_across_the_warmup_boundary(tmp_path):
         return Trainer(task, build_method(task, "mtsgd", 3, kernel_space="split"), optax.sgd(0.05),
                        batch_size=8, warmup_epochs=warmup, key_impl="rbg")
 
-    full = trainer().fit(3, seed=2, progress=False, checkpoint=False)
+    tr = trainer()  # one trainer (its compiled steps) for the three runs
+    full = tr.fit(3, seed=2, progress=False, checkpoint=False)
     assert [rec.get("warmup", False) for rec in full.history] == [True, False, False]
     assert full.config["warmup_epochs"] == 1 and full.config["kernel_space"] == "split"
     # method steps only after the warm-up: 2 epochs of 2 steps
     assert int(full.state.opt_state[0].inner_states["encoder"].inner_state.count) == 4
     out = tmp_path / "run"
-    first = trainer().fit(1, seed=2, out_dir=out, progress=False)
+    first = tr.fit(1, seed=2, out_dir=out, progress=False)
     assert int(first.state.opt_state[0].inner_states["encoder"].inner_state.count) == 0
-    resumed = trainer().fit(3, seed=2, out_dir=out, resume=True, progress=False)
+    resumed = tr.fit(3, seed=2, out_dir=out, resume=True, progress=False)
     for a, b in zip(jax.tree_util.tree_leaves(resumed.state), jax.tree_util.tree_leaves(full.state)):
         np.testing.assert_array_equal(a, b)
     assert [rec.get("warmup", False) for rec in resumed.history] == [True, False, False]
