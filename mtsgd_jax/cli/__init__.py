@@ -21,7 +21,7 @@ from mtsgd_jax.cli._common import HelpFormatter, missing_modules, missing_module
 __all__ = ["main", "build_parser"]
 
 # Module names under mtsgd_jax.cli, in the order ``--help`` lists them.
-_COMMANDS: tuple[str, ...] = ("toy", "scaling", "zdt", "train")
+_COMMANDS: tuple[str, ...] = ("toy", "scaling", "zdt", "train", "multimnist")
 
 
 def build_parser() -> argparse.ArgumentParser:
