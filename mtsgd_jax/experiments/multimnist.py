@@ -116,7 +116,7 @@ DEFAULT_CONFIG = {
 # Each preset overrides DEFAULT_CONFIG ("full" is DEFAULT_CONFIG). Sized by `estimate` on a shared
 # 2-core CPU (load average 6-7): at batch 64 and M = 5 a step takes 0.16 s (linear scalarisation) to
 # 0.48 s (single task), 0.25 s for MT-SGD with the parameter kernel and 0.74 s with the published
-# recipe, whose step grows to 3.8 s at M = 15; "full" is predicted at 1.6 hours, "quick" at 9 minutes.
+# recipe, whose step grows to 3.8 s at M = 15; "full" is predicted at 1.6 hours; "quick" took 6 minutes.
 PRESETS = {
     "tiny": {
         "variants": ["mtsgd_published", "linear_scalarization"],
@@ -445,7 +445,8 @@ def sweep_table(sweep_summary: dict, variant: str) -> str:
     for m, s in sorted(sweep_summary.items()):
         lines.append(
             f"| {m} | {multitask._pm(s['ensemble_accuracy'], 100)} | {multitask._pm(s['mean_particle_accuracy'], 100)} "
-            f"| {multitask._pm(s['brier'], 1, 3)} | {multitask._pm(s['ece'], 1, 3)} | {multitask._pm(s['seconds_per_epoch'], 1, 2)} |"
+            f"| {multitask._pm(s['brier'], 1, 3)} | {multitask._pm(s['ece'], 1, 3)} "
+            f"| {multitask._pm(s['seconds_per_epoch'], 1, 2)} |"
         )
     return "\n".join(lines)
 
@@ -551,7 +552,9 @@ def main(
         + (" (the published recipe: its own optimiser)" if cfg["recipe_optimizer"] == "recipe" else " for every variant")
         + f"; seeds {cfg['seeds']}; mean ± std over seeds."
     )
-    text = f"{head}\n\n{table}" + (f"\n\nMT-SGD against the number of particles (seeds {cfg['sweep_seeds']}):\n\n{table_m}" if table_m else "")
+    text = f"{head}\n\n{table}"
+    if table_m:
+        text += f"\n\nMT-SGD against the number of particles (seeds {cfg['sweep_seeds']}):\n\n{table_m}"
     md = report.write_text(os.path.join(out, "multimnist.md"), text + "\n")
     print(text)
     print(f"\nwrote {js} and {md} ({payload['total_seconds']:.0f} s)")
