@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtsgd_jax import qp as _qp
 from mtsgd_jax.particles import flatten_particles
@@ -56,8 +57,19 @@ def _make_solver(solver, solver_options, num_targets=None):
 
 
 def _check_num_targets(name, num_targets):
-    if isinstance(num_targets, bool) or not isinstance(num_targets, int) or num_targets < 1:
+    """``num_targets`` must be a positive Python or numpy integer (K); not a bool, float or array."""
+    if isinstance(num_targets, bool) or not isinstance(num_targets, (int, np.integer)):
+        raise TypeError(
+            f"{name}: num_targets must be a positive int (K, the number of targets), "
+            f"got {num_targets!r} of type {type(num_targets).__name__}."
+        )
+    if num_targets < 1:
         raise ValueError(f"{name}: num_targets must be a positive int (K), got {num_targets!r}.")
+
+
+def _is_real_number(value) -> bool:
+    """A Python or numpy real scalar (bools pass here; the init-time option check names them)."""
+    return isinstance(value, (int, float, np.integer, np.floating))
 
 
 def _per_particle_min_norm(grads, solve, init=None, normalize_grads=False):

@@ -12,7 +12,14 @@ from mtsgd_jax import kernels as _kernels
 from mtsgd_jax import stein as _stein
 from mtsgd_jax._validation import check_init_inputs, check_target_grads, check_update_inputs, num_particles
 from mtsgd_jax.particles import flatten_particles, flatten_target_grads, unflatten_particles
-from mtsgd_jax.transforms._common import _check_num_targets, _feature_map, _float_dtype, _make_solver, _per_particle_min_norm
+from mtsgd_jax.transforms._common import (
+    _check_num_targets,
+    _feature_map,
+    _float_dtype,
+    _is_real_number,
+    _make_solver,
+    _per_particle_min_norm,
+)
 
 Array = jax.Array
 PyTree = Any
@@ -103,7 +110,7 @@ def moo_svgd(
       (10, 2)
     """
     _check_num_targets("moo_svgd", num_targets)
-    if not (isinstance(repulsion, (int, float)) and repulsion >= 0):
+    if not (_is_real_number(repulsion) and repulsion >= 0):
         raise ValueError(f"moo_svgd: repulsion must be a non-negative number, got {repulsion!r}.")
     if features is not None and not callable(features):
         raise TypeError(f"moo_svgd: features must be callable or None, got {type(features).__name__}.")

@@ -53,7 +53,7 @@ import optax
 
 from mtsgd_jax._validation import check_init_inputs, check_target_grads, check_update_inputs, num_particles
 from mtsgd_jax.particles import flatten_particles, flatten_target_grads, unflatten_particles
-from mtsgd_jax.transforms._common import _check_num_targets, _float_dtype, _make_solver
+from mtsgd_jax.transforms._common import _check_num_targets, _float_dtype, _is_real_number, _make_solver
 from mtsgd_jax.transforms._scalarization import preference_vectors
 
 Array = jax.Array
@@ -175,7 +175,7 @@ def pareto_mtl(
     pref_fixed = None if preferences is None else _check_preferences(preferences, k)
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, np.integer)) or warmup_steps < 0:
         raise ValueError(f"pareto_mtl: warmup_steps must be a non-negative int, got {warmup_steps!r}.")
-    if not (isinstance(constraint_tol, (int, float)) and constraint_tol >= 0):
+    if not (_is_real_number(constraint_tol) and constraint_tol >= 0):
         raise ValueError(f"pareto_mtl: constraint_tol must be a non-negative number, got {constraint_tol!r}.")
     warmup_steps = int(warmup_steps)
     tol = float(constraint_tol)
