@@ -225,3 +225,11 @@ def test_resume_skips_a_damaged_checkpoint_and_stops_when_none_is_intact(two_epo
     err = capsys.readouterr().err
     assert "mtsgd train: cannot --resume: no intact checkpoint" in err and "epoch 1: " in err
     assert "Traceback" not in err
+
+
+def test_task_choices_are_the_registry_of_tasks():
+    # the CLI keeps its task names literal (fast --help); they must be exactly the trainer's registry
+    from mtsgd_jax.cli import train as cli_train
+    from mtsgd_jax.training.tasks import TASKS
+
+    assert set(cli_train._TASKS) == set(TASKS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mtsgd_jax.cli._common import HelpFormatter, add_common, non_negative_int, positive_float, positive_int, set_requires
+from mtsgd_jax.transforms import WEIGHTINGS
 
 # Optional modules this subcommand imports (checked by mtsgd_jax.cli.main before it runs).
 REQUIRES = ("matplotlib",)
@@ -24,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--mtsgd-steps", type=positive_int, default=1000, help="MT-SGD steps")
     p.add_argument("--moo-svgd-steps", type=positive_int, default=2000, help="MOO-SVGD steps")
     p.add_argument("--lr", type=positive_float, default=3e-2, help="Adam learning rate")
-    p.add_argument("--weighting", default="stein", choices=("stein", "normalized", "score"), help="MT-SGD's weighting")
+    p.add_argument("--weighting", default="stein", choices=WEIGHTINGS, help="MT-SGD's weighting")
     p.add_argument("--trace-every", type=positive_int, default=10, help="record every this many steps")
     set_requires(p, REQUIRES)
     p.set_defaults(func=run)

@@ -9,7 +9,7 @@ import warnings
 from mtsgd_jax.cli._common import non_negative_int, positive_float, positive_int, set_requires, spec_checked_by
 
 # Kept literal (not imported from mtsgd_jax.training) so that ``mtsgd --help`` stays fast.
-_TASKS = ("multi-digits", "multi-mnist", "multi-fashion", "multi-fashion-mnist", "sarcos", "celeba")
+_TASKS = ("multi-digits", "multi-mnist", "multi-mnist-real", "multi-fashion", "multi-fashion-mnist", "sarcos", "celeba")
 _METHODS = ("mtsgd", "moo_svgd", "mgda", "linear_scalarization", "pareto_mtl", "single_task")
 
 
