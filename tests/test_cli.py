@@ -2,14 +2,11 @@
 
 import argparse
 import importlib.util
-import json
-import os
 import pathlib
 import subprocess
 import sys
 import tomllib
 
-import numpy as np
 import pytest
 
 from mtsgd_jax import cli
@@ -39,85 +36,6 @@ def test_bad_option_values_are_rejected(capsys):
     assert "positive integer" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="multiple of 4"):
         main(["toy", "--mtsgd-steps", "30", "--trace-every", "10"])
-
-
-def test_toy_end_to_end(tmp_path, capsys):
-    out = tmp_path / "toy"
-    code = main(
-        ["toy", "--out", str(out), "--seeds", "0", "--num-particles", "8", "--mtsgd-steps", "40",
-         "--moo-svgd-steps", "80", "--trace-every", "10", "--no-progress"]
-    )
-    assert code == 0
-    text = capsys.readouterr().out
-    assert "mtsgd" in text and "moo_svgd" in text
-    payload = json.loads((out / "toy_comparison.json").read_text())
-    assert payload["methods"]["mtsgd"]["steps"][-1] == 40
-    assert payload["methods"]["moo_svgd"]["steps"][-1] == 80
-    share = payload["methods"]["mtsgd"]["share_in_joint_region"]
-    assert len(share) == 1 and len(share[0]) == 5 and all(0.0 <= s <= 1.0 for s in share[0])
-    assert (out / "toy_comparison.png").stat().st_size > 10_000
-
-
-def test_scaling_end_to_end(tmp_path, capsys):
-    out = tmp_path / "scaling"
-    code = main(
-        ["scaling", "--out", str(out), "--sizes", "3", "6", "--steps", "5", "--repeats", "1",
-         "--methods", "mtsgd", "moo_svgd", "floor", "--no-network", "--no-progress"]
-    )
-    assert code == 0
-    text = capsys.readouterr().out
-    assert "mtsgd/moo_svgd" in text and "mtsgd/floor" in text
-    payload = json.loads((out / "scaling.json").read_text())
-    assert set(payload["results"]) == {"3", "6"}
-    for rows in payload["results"].values():
-        assert set(rows) == {"mtsgd", "moo_svgd", "floor"}
-        for row in rows.values():
-            assert row["compile_s"] > 0 and len(row["run_s"]) == 1 and row["final_finite"]
-    r = payload["ratios"]["6"]
-    assert r["mtsgd/floor"] == pytest.approx(payload["results"]["6"]["mtsgd"]["median_s"] / payload["results"]["6"]["floor"]["median_s"])
-    assert (out / "scaling.png").stat().st_size > 10_000
-
-
-@pytest.mark.slow
-def _program(t, x, grads):
-    """The jaxpr (text and constants) of init + one update of ``t``: equal programs, equal updates."""
-    closed = __import__("jax").make_jaxpr(lambda x, g: t.update(g, t.init(x), x))(x, grads)
-    return str(closed.jaxpr), [np.asarray(c).tolist() for c in closed.consts]
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_scaling_methods_are_registry_specs(dtype):
-    """The benchmark's method names build the registry's transformations (traced programs compared)."""
-    import jax
-
-    from mtsgd_jax.experiments import scaling
-    from mtsgd_jax.transforms import linear_scalarization, mgda, moo_svgd, mtsgd
-
-    k = scaling.K_TOY
-    x = jax.random.normal(jax.random.key(0), (5, 2), dtype)
-    grads = x[None] - jax.numpy.arange(k, dtype=dtype)[:, None, None]
-    cases = [
-        ("mtsgd", {}, mtsgd(k)),
-        ("mtsgd[frank_wolfe]", {}, mtsgd(k, solver="frank_wolfe")),
-        ("mtsgd:solver=osqp,warm_start=0", {}, mtsgd(k, solver="osqp", warm_start=False)),
-        ("mtsgd", {"block_size": 2}, mtsgd(k, block_size=2)),
-        ("moo_svgd", {"block_size": 2}, moo_svgd(k, block_size=2)),
-        ("mgda", {"block_size": 2}, mgda(k)),  # mgda has no kernel: block_size does not apply
-        ("linear_scalarization", {}, linear_scalarization(k)),
-    ]
-    for method, kw, direct in cases:
-        got = _program(scaling.make_transformation(method, k, **kw), x, grads)
-        assert got == _program(direct, x, grads), (method, kw)
-    assert _program(scaling.make_transformation("mtsgd[frank_wolfe]", k), x, grads) != _program(mtsgd(k), x, grads)
-    for method, match in [
-        ("mtsgd:bogus=1", "unknown option 'bogus' for mtsgd"),
-        ("sgd", r"unknown method 'sgd'.*Benchmark methods: \('mtsgd', 'mtsgd\[projected_gradient\]'"),
-        ("mtsgd[newton]", r"option 'solver' of mtsgd must be one of \('auto',"),
-        ("pareto_mtl", "needs the loss values"),
-        ("svgd", r"svgd samples one target \(num_targets=1\), got 3"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            scaling.make_transformation(method, k)
 
 
 def test_scaling_cli_accepts_specs_and_rejects_bad_ones(capsys):
@@ -186,46 +104,6 @@ def test_every_subcommand_declares_known_optional_modules():
     with pytest.raises(ValueError, match="unknown optional module"):
         _common.set_requires(argparse.ArgumentParser(), ("matplotlib", "seaborn"))
     assert _common.module_available("json") and not _common.module_available("mtsgd_jax_no_such_module.sub")
-
-
-# ------------------------------------------------------------------ results kept when plotting fails
-
-
-def _fake_toy_result(seeds, *, num_particles, mtsgd_steps, moo_svgd_steps, lr, trace_every, weighting, progress):
-    methods = {}
-    for i, (name, steps) in enumerate((("mtsgd", mtsgd_steps), ("moo_svgd", moo_svgd_steps))):
-        t = np.arange(0, steps + 1, trace_every)
-        methods[name] = {
-            "steps": t,
-            "particles": np.zeros((len(seeds), len(t), num_particles, 2)),
-            "share": np.linspace(0.0, 1.0 - 0.5 * i, len(t))[None].repeat(len(seeds), 0),
-            "ksd": np.ones((len(seeds), len(t), 3)),
-            "wall_s": [0.5] * len(seeds),
-        }
-    return {"seeds": list(seeds), "weighting": weighting, "num_particles": num_particles, "lr": lr, "methods": methods}
-
-
-def test_failing_figure_keeps_the_results_and_says_where(monkeypatch, capsys, tmp_path):
-    from mtsgd_jax.experiments import toy_comparison
-
-    def broken_plot(result, path, snapshots=None):
-        raise RuntimeError("no usable backend")
-
-    monkeypatch.setattr(toy_comparison, "run_toy_comparison", _fake_toy_result)
-    monkeypatch.setattr(toy_comparison, "plot_toy_comparison", broken_plot)
-    out = tmp_path / "toy"
-    code = main(["toy", "--out", str(out), "--seeds", "0", "1", "--num-particles", "3", "--mtsgd-steps", "40",
-                 "--moo-svgd-steps", "80", "--trace-every", "10", "--no-progress"])
-    assert code == 1
-    captured = capsys.readouterr()
-    js = out / "toy_comparison.json"
-    assert f"wrote {js}" in captured.out and "final share in joint region" in captured.out  # table printed first
-    assert f"{out / 'toy_comparison.png'}: RuntimeError: no usable backend" in captured.err
-    assert f"the results are kept in {js}" in captured.err and captured.err.startswith("mtsgd toy: plotting failed")
-    payload = json.loads(js.read_text())
-    assert payload["methods"]["mtsgd"]["steps"] == list(range(0, 41, 10))
-    assert payload["methods"]["moo_svgd"]["share_in_joint_region"][1][-1] == 0.5
-    assert sorted(os.listdir(out)) == ["toy_comparison.json"]  # no figure, no temporary file
 
 
 # ------------------------------------------------------------------ --help of every subcommand

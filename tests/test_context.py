@@ -117,7 +117,7 @@ def test_inner_products_with_block_size_or_axis_is_refused():
 
 
 LOGPS = (lambda t: -0.5 * jnp.sum((t - 1.0) ** 2), lambda t: -0.5 * jnp.sum((t + 1.0) ** 2))
-X0 = jax.random.normal(jax.random.key(0), (8, 2), jnp.float64)
+X0 = jax.random.normal(jax.random.key(0), (8, 2), jnp.float32)
 
 
 def test_sample_axis_disagreeing_with_the_transformation_is_an_error():
@@ -150,9 +150,11 @@ def test_sample_takes_the_axis_from_the_transformation():
     plain = mj.sample(LOGPS, optax.chain(mj.mtsgd(2, mj.rbf(H), solver="closed_form"), optax.sgd(0.1)), X0, 5, trace_every=5)
     opt = optax.chain(mj.mtsgd(2, mj.rbf(H), solver="closed_form", axis_name="particles"), optax.sgd(0.1))
     sharded = mj.sample(LOGPS, opt, mj.shard_particles(X0, mesh), 5, trace_every=5, mesh=mesh)
-    np.testing.assert_allclose(np.asarray(sharded.particles), np.asarray(plain.particles), rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(np.asarray(sharded.trace.ksd), np.asarray(plain.trace.ksd), rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(np.asarray(sharded.trace.weights), np.asarray(plain.trace.weights), rtol=1e-10, atol=1e-12)
+    # the same arithmetic in another program: equal up to float32 reassociation over 5 steps
+    tol = 64 * float(jnp.finfo(jnp.float32).eps)
+    np.testing.assert_allclose(np.asarray(sharded.particles), np.asarray(plain.particles), rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(sharded.trace.ksd), np.asarray(plain.trace.ksd), rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(sharded.trace.weights), np.asarray(plain.trace.weights), rtol=tol, atol=tol)
     # without a Stein stage and without axis_name, a two-axis mesh is ambiguous
     with pytest.raises(ValueError, match=r"the mesh has the axes \('data', 'particles'\) and the optimiser names none"):
         mj.sample(LOGPS, optax.chain(mj.mgda(2), optax.sgd(0.1)), X0, 2, mesh=mesh)
