@@ -50,6 +50,7 @@ def test_step_loop_equals_sample_step_for_step(dtype):
     assert float(jnp.max(jnp.abs(state.particles - x0))) > 0.1
 
 
+@pytest.mark.x64
 def test_step_scanned_equals_python_loop():
     x0 = _x0(jnp.float64)
 
@@ -94,6 +95,7 @@ def _logp_b(x, shift):
     return -jnp.sum((x + shift) ** 2)
 
 
+@pytest.mark.x64
 def test_step_args_reach_the_targets():
     # a data argument passed through step equals the same value closed over
     opt = optax.chain(mj.mtsgd(2, solver="closed_form"), optax.sgd(0.1))
@@ -125,6 +127,7 @@ def test_master_copy_matches_sample():
     )
 
 
+@pytest.mark.x64
 def test_pytree_particles_and_resume():
     params = {"a": _x0(jnp.float64)[:, :1], "b": _x0(jnp.float64)[:, 1]}
     logp = lambda p: PROB.log_prob(jnp.concatenate([p["a"], p["b"][None]]))  # noqa: E731

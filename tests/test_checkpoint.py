@@ -20,12 +20,12 @@ from mtsgd_jax.training.checkpoint import CheckpointDamagedWarning, CheckpointEr
 
 
 def _state(epoch: int, dtype=jnp.float32):
-    """A training-state-like pytree whose values depend on ``epoch`` (float arrays of ``dtype``, an int count)."""
+    """A training-state-like pytree whose values depend on ``epoch`` (float arrays of ``dtype``, a bfloat16 moment, an int count)."""
     rng = np.random.default_rng(epoch)
     return {
         "params": {"w": jnp.asarray(rng.normal(size=(16, 64)), dtype), "b": jnp.asarray(rng.normal(size=(64,)), dtype)},
         "model_state": {},
-        "opt_state": {"count": jnp.asarray(epoch, jnp.int32), "mu": jnp.asarray(rng.normal(size=(16, 64)), jnp.float64)},
+        "opt_state": {"count": jnp.asarray(epoch, jnp.int32), "mu": jnp.asarray(rng.normal(size=(16, 64)), jnp.bfloat16)},
     }
 
 
@@ -102,6 +102,7 @@ def test_round_trip_is_exact_and_keeps_two_epochs(tmp_path, dtype):
     assert ckpt.restore_checkpoint(str(tmp_path / "none"), _state(0, dtype)) is None
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_newest_epoch_falls_back_to_the_previous_intact_one(tmp_path, damage):
     d = str(tmp_path / "ck")
@@ -124,6 +125,7 @@ def test_a_damaged_newest_epoch_falls_back_to_the_previous_intact_one(tmp_path, 
         assert "checksum mismatch in the JSON record" in reason
 
 
+@pytest.mark.x64
 def test_every_epoch_damaged_is_a_clear_error(tmp_path):
     d = str(tmp_path / "ck")
     _save_epochs(d)
@@ -136,6 +138,7 @@ def test_every_epoch_damaged_is_a_clear_error(tmp_path):
     assert ckpt.read_checkpoint_meta(d) == (3, {"epoch": 3, "history": [{"loss": 1.0 / 3}] * 3})  # record of 3 is intact
 
 
+@pytest.mark.x64
 def test_a_state_of_another_shape_is_a_mismatch_not_damage(tmp_path):
     d = str(tmp_path / "ck")
     _save_epochs(d, epochs=(1, 2))
@@ -148,6 +151,7 @@ def test_a_state_of_another_shape_is_a_mismatch_not_damage(tmp_path):
         ckpt.restore_checkpoint(d, wider)
 
 
+@pytest.mark.x64
 def test_check_sees_the_record_and_its_errors_propagate(tmp_path):
     d = str(tmp_path / "ck")
     _save_epochs(d, epochs=(1, 2))
@@ -162,6 +166,7 @@ def test_check_sees_the_record_and_its_errors_propagate(tmp_path):
         ckpt.restore_checkpoint(d, _state(0), check=refuse)
 
 
+@pytest.mark.x64
 def test_move_aside_keeps_the_damaged_files_and_lets_the_epoch_be_saved_again(tmp_path):
     d = str(tmp_path / "ck")
     _save_epochs(d)
@@ -177,11 +182,13 @@ def test_move_aside_keeps_the_damaged_files_and_lets_the_epoch_be_saved_again(tm
     _assert_equal_trees(state, _state(3))
 
 
+@pytest.mark.x64
 def test_max_to_keep_below_two_is_refused(tmp_path):
     with pytest.raises(ValueError, match="max_to_keep must be >= 2"):
         ckpt.save_checkpoint(str(tmp_path / "ck"), 1, _state(1), {}, max_to_keep=1)
 
 
+@pytest.mark.x64
 @given(
     bit=st.integers(0, 8 * 4 * 6 - 1),
     dtype=st.sampled_from([np.float32, np.float64]),

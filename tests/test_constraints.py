@@ -23,7 +23,7 @@ def _apply(transform, updates, params):
 
 def test_clip_to_box_scalar_and_per_coordinate_bounds():
     x = jnp.array([[-1.0, 0.5, 2.0], [0.2, 3.0, -0.1]])
-    np.testing.assert_array_equal(clip_to_box(x, 0.0, 1.0), [[0.0, 0.5, 1.0], [0.2, 1.0, 0.0]])
+    np.testing.assert_array_equal(clip_to_box(x, 0.0, 1.0), np.float32([[0.0, 0.5, 1.0], [0.2, 1.0, 0.0]]))
     lo, hi = jnp.array([0.0, -1.0, 0.5]), jnp.array([0.1, 1.0, 1.5])  # one particle's shape
     np.testing.assert_array_equal(clip_to_box(x, lo, hi), np.clip(np.asarray(x), lo, hi))
     full_lo = jnp.zeros_like(x).at[1, 1].set(2.5)  # the whole params' shape
@@ -86,6 +86,7 @@ FLOATS = st.floats(-1e6, 1e6, allow_nan=False, width=32)
 
 # Exact landing is guaranteed when the box is wider than the float spacing at |params - bound|
 # (float32 at 1e6: 0.0625); narrower boxes cannot always be hit by params + update.
+@pytest.mark.x64
 @given(
     x=hnp.arrays(np.float64, (6, 3), elements=FLOATS),
     u=hnp.arrays(np.float64, (6, 3), elements=FLOATS),
@@ -107,6 +108,7 @@ def test_landing_is_exactly_inside_the_box(x, u, lo, width, dtype):
     assert np.all(np.abs(landed - want) <= 4 * np.finfo(dtype).eps * scale)
 
 
+@pytest.mark.x64
 def test_landing_near_bound_rounding_cases():
     # Many tiny/huge params with a target exactly on a non-zero bound: (hi - p) + p can round past hi.
     rng = np.random.default_rng(0)
@@ -144,6 +146,7 @@ def test_chain_with_adam_keeps_particles_in_box():
     np.testing.assert_array_equal(x[:, 1], 0.0)  # pushed to the lower bound
 
 
+@pytest.mark.x64
 def test_sample_zdt_stays_in_box():
     prob = zdt("zdt3", num_variables=5)
     x0 = prob.init_particles(jax.random.key(0), 12, jnp.float64)
@@ -161,6 +164,7 @@ def test_sample_zdt_stays_in_box():
     assert np.mean(tail == 0.0) > 0.25
 
 
+@pytest.mark.x64
 def test_sample_gradient_pushing_outside():
     # Both targets increase without bound in every coordinate: unconstrained, every particle would
     # leave [0, 1]^2 through the upper corner.

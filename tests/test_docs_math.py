@@ -318,6 +318,7 @@ def _lemma_case(k, method, dtype):
     return _LEMMA_CASES[key]
 
 
+@pytest.mark.x64
 @given(seed=st.integers(0, 2**31 - 1), k=st.integers(2, 4))
 def test_lemma_1_on_library_gram_matrices(seed, k):
     for dtype in DTYPES:
@@ -392,6 +393,7 @@ def test_mgda_and_moo_svgd_formulas(dtype):
     np.testing.assert_allclose(d_moo, expected, atol=tol)
 
 
+@pytest.mark.x64
 def test_preferences_and_box_projection():
     m = 5
     np.testing.assert_allclose(preference_vectors(m), [[i / (m - 1), 1 - i / (m - 1)] for i in range(m)])

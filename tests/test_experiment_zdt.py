@@ -75,6 +75,7 @@ def test_zdt_end_to_end(tmp_path, capsys, zdt_main):
     assert rows[0].split(" | ")[1] == f"{hv['mean']:.3f} ± {hv['std']:.3f}"
 
 
+@pytest.mark.x64  # in float32 neighbouring front points on the flat segment ends tie, so some are weakly dominated
 def test_point_set_metrics_on_the_true_front():
     front = exp.zdt("zdt3", 30).pareto_front(200)
     m = exp.point_set_metrics(front, front)

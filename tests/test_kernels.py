@@ -41,6 +41,7 @@ _kernel_matrices = jax.jit(kernel_matrices, static_argnums=0)
 # ----------------------------------------------------------------------------- values
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("h", [0.3, 1.0, 4.0])
 def test_rbf_value(h):
     rng = np.random.default_rng(0)
@@ -52,6 +53,7 @@ def test_rbf_value(h):
     np.testing.assert_allclose(float(rbf(1.0)(jnp.zeros(2), jnp.ones(2))), math.exp(-2.0), rtol=1e-14)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("h,c,beta", [(1.0, 1.0, -0.5), (0.4, 2.0, -0.5), (3.0, 0.5, -0.2), (1.7, 1.3, -0.9)])
 def test_imq_value(h, c, beta):
     rng = np.random.default_rng(1)
@@ -63,6 +65,7 @@ def test_imq_value(h, c, beta):
     np.testing.assert_allclose(float(imq(h, c=c, beta=beta)(np.ones(4), np.ones(4))), c ** (2 * beta), rtol=1e-14)
 
 
+@pytest.mark.x64
 def test_radial_kernel_value_and_bandwidth_override():
     kern = radial_kernel(_cauchy, bandwidth=2.0, name="cauchy")
     assert kern.name == "cauchy" and kern.profile_derivatives is None
@@ -82,6 +85,7 @@ def test_median_kernel_needs_numeric_bandwidth_for_point_evaluation():
 # ----------------------------------------------------------------------------- profile derivatives
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize(
     "kern",
     [rbf(1.0), imq(1.0), imq(1.0, c=0.5, beta=-0.3), imq(1.0, c=2.0, beta=-0.9)],
@@ -102,6 +106,7 @@ def test_builtin_derivatives_match_autodiff(kern):
         np.testing.assert_allclose(float(closed[2][i]), float(jax.grad(jax.grad(f))(ui)), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.x64
 def test_builtin_derivatives_hand_formulas():
     u = np.asarray(U_GRID)
     f, df, d2f = rbf(1.0).derivatives(jnp.asarray(u))
@@ -116,6 +121,7 @@ def test_builtin_derivatives_hand_formulas():
     np.testing.assert_allclose(np.asarray(d2f), beta * (beta - 1) * base ** (beta - 2), rtol=1e-13)
 
 
+@pytest.mark.x64
 def test_user_profile_derivatives_cauchy():
     kern = radial_kernel(_cauchy, bandwidth=1.0)
     u = np.asarray(U_GRID)
@@ -136,6 +142,7 @@ def test_user_profile_derivatives_cauchy():
 SHAPES = [(1, 2), (2, 2), (5, 2), (9, 3)]
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("m,d", SHAPES)
 def test_pairwise_sq_dists_matches_direct(m, d):
     x = _points(m * 10 + d, m, d)
@@ -147,6 +154,7 @@ def test_pairwise_sq_dists_matches_direct(m, d):
     np.testing.assert_array_equal(r2, r2.T)
 
 
+@pytest.mark.x64
 def test_pairwise_sq_dists_two_sets():
     x, y = _points(3, 5, 2), _points(4, 2, 2)
     r2 = np.asarray(pairwise_sq_dists(jnp.asarray(x), jnp.asarray(y)))
@@ -181,6 +189,7 @@ def _numpy_median_bandwidth(x):
     return np.median(r2[iu]) / np.log(m + 1.0)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("m,d", SHAPES[1:])
 def test_median_bandwidth_matches_numpy(m, d):
     for seed in range(3):
@@ -203,6 +212,7 @@ _coord = st.one_of(
 )
 
 
+@pytest.mark.x64
 @given(
     shape=st.sampled_from([(3, 2), (4, 2), (5, 2), (9, 3)]),  # odd and even numbers of pairs
     dtype=st.sampled_from([np.float32, np.float64]),
@@ -223,6 +233,7 @@ def test_median_bandwidth_selection_is_exact(shape, dtype, data):
     np.testing.assert_allclose(float(h), scale / np.log(m + 1.0), rtol=1e-14 if dtype == np.float64 else 1e-6)
 
 
+@pytest.mark.x64
 def test_median_bandwidth_used_by_kernel_matrices():
     x = _points(7, 9, 3)
     km = _kernel_matrices(KERNELS["rbf_median"], jnp.asarray(x))
@@ -250,6 +261,7 @@ def test_median_bandwidth_single_particle_is_one():
     assert float(_kernel_matrices(KERNELS["imq_median"], x).bandwidth) == 1.0
 
 
+@pytest.mark.x64
 def test_median_bandwidth_mostly_coincident_uses_mean():
     # 4 of 5 particles coincide: 6 of the 10 distinct pairs are at distance 0, so the median
     # is 0 and the mean of the distinct-pair distances is used instead.
@@ -262,6 +274,7 @@ def test_median_bandwidth_mostly_coincident_uses_mean():
     np.testing.assert_allclose(h, np.mean(pairs) / np.log(6.0), rtol=1e-12)
 
 
+@pytest.mark.x64
 def test_median_bandwidth_half_coincident_pairs_average():
     # 2 pairs coincide out of 10 (points 0=1 and 2=3): median of the distinct-pair distances,
     # which here includes zeros but is not zero.
@@ -304,6 +317,7 @@ _grad_km_bandwidth = jax.jit(jax.grad(lambda x: kernel_matrices(KERNELS["rbf_med
 _grad_km_sum = jax.jit(jax.grad(lambda x: jnp.sum(kernel_matrices(KERNELS["rbf_median"], x).k)))
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("name", list(KERNELS))
 def test_kernel_matrices_match_autodiff_of_kappa(name):
     kern = KERNELS[name]
@@ -420,6 +434,7 @@ def test_kernel_products_blocked_equals_unblocked(dtype, tol, m, block, kernel_n
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=tol, atol=tol)
 
 
+@pytest.mark.x64
 def test_kernel_products_matches_kernel_matrices():
     z = jax.random.normal(jax.random.key(0), (20, 2))
     v = jax.random.normal(jax.random.key(1), (20, 4))
@@ -430,6 +445,7 @@ def test_kernel_products_matches_kernel_matrices():
     np.testing.assert_allclose(np.asarray(p.repulsion), rep, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("m", [4, 5, 30, 31])
 def test_blocked_median_with_ties_and_duplicates(m):
     """Even and odd pair counts, repeated distances and coincident particles."""
@@ -516,6 +532,7 @@ def _check_all_paths_select(x, dtype, blocks):
     assert len(values) == 1 or not exact, got
 
 
+@pytest.mark.x64
 @given(
     m=st.sampled_from([2, 3, 4, 7]),
     dtype=st.sampled_from([np.float32, np.float64]),
@@ -567,6 +584,7 @@ def test_radix_median_with_excluded_particles(dtype):
     assert float(jax.jit(lambda z, v: kernel_matrices(rbf(), z, valid=v).bandwidth)(jnp.asarray(x_bad), valid)) == float(expected)
 
 
+@pytest.mark.x64
 def test_radix_widths_cover_the_value_bits():
     for dtype, total in ((jnp.float32, 31), (jnp.float64, 63)):
         for n in (1, 10, 5000, 10**6, 2 * 10**8):

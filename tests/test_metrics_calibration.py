@@ -74,6 +74,7 @@ def test_accuracy_hand_example_and_logits():
     assert float(accuracy(np.eye(4), np.arange(4))) == 1.0
 
 
+@pytest.mark.x64
 def test_ensemble_probs_is_mean_of_particle_probabilities():
     p1 = np.array([[0.9, 0.1], [0.2, 0.8]])
     p2 = np.array([[0.4, 0.6], [0.4, 0.6]])
@@ -106,6 +107,7 @@ def test_brier_score_hand_computed():
     assert float(brier_score(np.full((2, 4), 0.25), np.array([0, 3]))) == pytest.approx(0.75**2 + 3 * 0.25**2)
 
 
+@pytest.mark.x64
 def test_brier_score_matches_formula_on_random_data():
     probs, labels = random_probs(0, 50, 5)
     onehot = np.eye(5)[labels]
@@ -116,6 +118,7 @@ def test_brier_score_matches_formula_on_random_data():
 # ECE and reliability diagram
 
 
+@pytest.mark.x64
 def test_ece_and_reliability_diagram_hand_computed():
     assert float(expected_calibration_error(PROBS, LABELS)) == pytest.approx(0.23, abs=1e-12)
     d = reliability_diagram(PROBS, LABELS, num_bins=10)
@@ -131,6 +134,7 @@ def test_ece_and_reliability_diagram_hand_computed():
     assert float(expected_calibration_error(PROBS, LABELS, num_bins=1)) == pytest.approx(0.13, abs=1e-12)
 
 
+@pytest.mark.x64
 def test_bin_edges_are_right_closed_with_zero_in_the_first_bin():
     # B = 4: edges 0, 0.25, 0.5, 0.75, 1 are exact in binary floating point
     probs = np.array(
@@ -159,6 +163,7 @@ def test_bin_edges_are_right_closed_with_zero_in_the_first_bin():
     np.testing.assert_array_equal(d.counts, [0, 0, 0, 1])
 
 
+@pytest.mark.x64
 def test_ece_is_zero_for_a_calibrated_construction():
     # bin (0.7, 0.8]: ten predictions of confidence 0.8, eight of them right;
     # bin (0.5, 0.6]: ten of confidence 0.6 on class 1, six right.
@@ -173,6 +178,7 @@ def test_ece_is_zero_for_a_calibrated_construction():
     assert float(expected_calibration_error(np.eye(3), np.array([1, 2, 0]))) == pytest.approx(1.0)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("num_bins", [1, 3, 10, 15])
 def test_ece_matches_loop_definition_on_random_data(num_bins):
     probs, labels = random_probs(num_bins, 200, 4)
@@ -182,6 +188,7 @@ def test_ece_matches_loop_definition_on_random_data(num_bins):
     assert float(d.counts.sum()) == 200
 
 
+@pytest.mark.x64
 def test_metrics_jit_and_keep_float32():
     probs, labels = random_probs(1, 64, 10, dtype=np.float32)
     ece = jax.jit(expected_calibration_error, static_argnames="num_bins")
@@ -198,6 +205,7 @@ def test_metrics_jit_and_keep_float32():
     assert jax.jit(per_task_mse)(probs, probs).dtype == jnp.float32
 
 
+@pytest.mark.x64
 def test_reliability_diagram_png_is_written(tmp_path):
     probs, labels = random_probs(2, 300, 3)
     path = tmp_path / "reliability.png"

@@ -98,11 +98,13 @@ def test_non_dominated_hand_example():
     np.testing.assert_array_equal(_nd(pts), [True, True, False, False, True, False, True])
 
 
+@pytest.mark.x64
 @given(_point_sets(2))
 def test_non_dominated_2d_matches_brute_force(points):
     np.testing.assert_array_equal(np.asarray(_nd(points)), _nd_brute(points))
 
 
+@pytest.mark.x64
 @given(st.one_of(_point_sets(3), _point_sets(1)))
 def test_non_dominated_other_dims_match_brute_force(points):
     np.testing.assert_array_equal(np.asarray(_nd(points)), _nd_brute(points))
@@ -134,6 +136,7 @@ def test_hypervolume_hand_values():
     assert float(_hv(jnp.zeros((0, 2)), ref)) == 0.0
 
 
+@pytest.mark.x64
 @given(points=_point_sets(2), ref=st.tuples(st.integers(0, 7), st.integers(0, 7)))
 def test_hypervolume_matches_grid_union(points, ref):
     ref = np.array(ref, np.float64)
@@ -141,6 +144,7 @@ def test_hypervolume_matches_grid_union(points, ref):
     np.testing.assert_allclose(got, _hv_grid(points, ref), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("seed", range(5))
 def test_hypervolume_random_sets_permutation_invariant_and_monotone(seed):
     rng = np.random.default_rng(seed)
@@ -166,6 +170,7 @@ def test_hypervolume_of_analytic_fronts():
     np.testing.assert_allclose(float(_hv(zdt1().pareto_front(20_001), ref)), 2 / 3 + 0.21, atol=1e-4)
 
 
+@pytest.mark.x64
 def test_hypervolume_jit_dtype_and_errors():
     pts = jax.random.uniform(jax.random.key(3), (40, 2), jnp.float32)
     hv = _hv(pts, jnp.array([1.0, 1.0]))
@@ -182,6 +187,7 @@ def test_hypervolume_jit_dtype_and_errors():
 # IGD / IGD+
 
 
+@pytest.mark.x64
 @given(points=_point_sets(2), front=_point_sets(2))
 def test_igd_and_igd_plus_match_loops(points, front):
     np.testing.assert_allclose(float(_igd(points, front)), _igd_loop(points, front), rtol=1e-12, atol=1e-12)
@@ -191,6 +197,7 @@ def test_igd_and_igd_plus_match_loops(points, front):
     assert float(_igd_plus(points, front)) <= float(_igd(points, front)) + 1e-12
 
 
+@pytest.mark.x64
 def test_igd_three_objectives_and_properties():
     rng = np.random.default_rng(0)
     pts, front = rng.normal(size=(17, 3)), rng.normal(size=(9, 3))
@@ -294,6 +301,7 @@ def test_zdt3_coverage_errors():
     assert int(f(jnp.asarray(zdt3().pareto_front(10)), 0.01)) == 5
 
 
+@pytest.mark.x64
 def test_front_polylines_lie_on_the_front():
     for problem, segments in ((zdt1(), 1), (zdt2(), 1), (zdt3(), 5)):
         poly = problem.front_polylines(33)

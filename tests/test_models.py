@@ -270,6 +270,7 @@ def test_multi_task_loss_grads_are_finite(lenet_ensemble):
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(g))
 
 
+@pytest.mark.x64
 def test_ensemble_works_in_float64(lenet_ensemble):
     model, ens = lenet_ensemble
     p64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), ens.params)

@@ -109,6 +109,7 @@ def test_moo_svgd_containment(where, dtype, block_size):
     np.testing.assert_allclose(w[BAD], 1.0 / K)
 
 
+@pytest.mark.x64
 def test_feature_space_containment():
     """mtsgd and moo_svgd with a function-space kernel: a NaN feature row counts as a bad particle."""
     x, g = _problem(jnp.float64, d=3)
@@ -124,6 +125,7 @@ def test_feature_space_containment():
         _check(u, s, u_ref, s_ref, 1e-12, ["bandwidth"])
 
 
+@pytest.mark.x64
 def test_inner_product_path_containment():
     """d >> K M: U from inner products (the network-particle path)."""
     x, g = _problem(jnp.float64, m=6, d=90, k=2)
@@ -134,6 +136,7 @@ def test_inner_product_path_containment():
     _check(u, s, u_ref, s_ref, 1e-12, ["weights", "ksd", "bandwidth"])
 
 
+@pytest.mark.x64
 def test_vmap_and_single_device_shard_map():
     x, g = _problem(jnp.float64)
     xb, gb = _corrupt(x, g, "grad_nan")
@@ -176,6 +179,7 @@ def test_all_nan(dtype):
     assert np.all(np.isnan(np.asarray(u))) and int(s.nonfinite) == M and float(s.bandwidth) == 1.0
 
 
+@pytest.mark.x64
 def test_kernel_products_valid_mask_equals_subset():
     rng = np.random.default_rng(3)
     z = rng.normal(size=(15, 3))
@@ -197,6 +201,7 @@ def test_kernel_products_valid_mask_equals_subset():
         assert np.all(np.asarray(out.kv)[~valid] == 0) and np.all(np.asarray(out.repulsion)[~valid] == 0)
 
 
+@pytest.mark.x64
 def test_stein_quantities_contain_a_nan_score():
     x, g = _problem(jnp.float64)
     s = -g

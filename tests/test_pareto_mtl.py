@@ -64,6 +64,7 @@ def test_default_preferences():
     np.testing.assert_allclose(pareto_mtl_preferences(1, 2), [[2**-0.5, 2**-0.5]])
 
 
+@pytest.mark.x64
 def test_particles_end_in_their_preference_cones_on_the_pareto_set():
     x = jax.random.uniform(jax.random.key(3, impl="rbg"), (M, 2), jnp.float64, -1.0, 2.0)
     x_end, st = _run(x)
@@ -77,6 +78,7 @@ def test_particles_end_in_their_preference_cones_on_the_pareto_set():
     assert bool(np.all(st.main_phase))
 
 
+@pytest.mark.x64
 def test_initial_phase_reaches_the_region_before_the_main_phase():
     # Every particle starts next to the minimum of loss 1 (loss vector ~ (0, 2), angle ~ 90 degrees),
     # which lies in the region of the last preference only.
@@ -107,6 +109,7 @@ def _independent_direction(vectors):
     return res.x @ v
 
 
+@pytest.mark.x64
 def test_one_step_matches_an_independent_computation_and_descends():
     rng = np.random.default_rng(0)
     k, m, d = 2, M, 2

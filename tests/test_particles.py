@@ -130,6 +130,7 @@ def _mixed_tree(m=4):
     }
 
 
+@pytest.mark.x64
 def test_flatten_layout_and_dtype_promotion():
     tree = _mixed_tree()
     x, spec = mj.flatten_particles(tree)
@@ -148,6 +149,7 @@ def test_flatten_layout_and_dtype_promotion():
     assert spec.shapes == ((2, 3), (), (4,), (1, 1))
 
 
+@pytest.mark.x64
 def test_flatten_unflatten_round_trip_restores_shapes_and_dtypes():
     tree = _mixed_tree()
     x, spec = mj.flatten_particles(tree)
@@ -159,6 +161,7 @@ def test_flatten_unflatten_round_trip_restores_shapes_and_dtypes():
         np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
 
 
+@pytest.mark.x64
 def test_flatten_explicit_dtype():
     tree = _mixed_tree()
     x, spec = mj.flatten_particles(tree, dtype=jnp.float32)
@@ -168,6 +171,7 @@ def test_flatten_explicit_dtype():
     np.testing.assert_allclose(np.asarray(back["b"]), np.asarray(tree["b"]), rtol=1e-6)
 
 
+@pytest.mark.x64
 def test_unflatten_keeps_leading_batch_axes():
     tree = _mixed_tree()
     x, spec = mj.flatten_particles(tree)
@@ -180,6 +184,7 @@ def test_unflatten_keeps_leading_batch_axes():
     assert back["a"].dtype == jnp.float32 and back["b"].dtype == jnp.float64
 
 
+@pytest.mark.x64
 def test_flatten_target_grads_consistent_with_flatten_particles():
     tree = _mixed_tree(m=5)
     k = 3
@@ -207,6 +212,7 @@ def test_flatten_target_grads_consistent_with_flatten_particles():
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.x64
 def test_num_particles_ok():
     assert mj.num_particles(jnp.zeros((3, 2))) == 3
     assert mj.num_particles(_mixed_tree(m=6)) == 6

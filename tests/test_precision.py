@@ -60,6 +60,7 @@ _prod = jax.jit(kernel_products, static_argnums=0, static_argnames="block_size")
 _gram = jax.jit(mj.gram_matrix, static_argnames="block_size")  # op by op, its row blocks would compile per call
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("offset,spread", CLUSTERS)
 @pytest.mark.parametrize("d", [2, 16])
 def test_pairwise_sq_dists_far_from_origin(offset, spread, d):
@@ -77,6 +78,7 @@ def test_pairwise_sq_dists_far_from_origin(offset, spread, d):
         np.testing.assert_allclose(r2, ref, rtol=0, atol=16 * d * EPS32 * scale)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("offset,spread", CLUSTERS)
 def test_median_bandwidth_far_from_origin(offset, spread):
     x32, x64 = _cluster(offset, spread)
@@ -91,6 +93,7 @@ def test_median_bandwidth_far_from_origin(offset, spread):
 REP_CASES = [(1e3, 1.0, None), (1e2, 0.01, None), (1.0, 1e-3, 1e-6), (1.0, 1e-4, 1e-8), (1e2, 1e-2, 1e-8)]
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("offset,spread,h", REP_CASES)
 @pytest.mark.parametrize("block_size", [None, 7])
 def test_repulsion_float32_matches_float64(offset, spread, h, block_size):
@@ -106,6 +109,7 @@ def test_repulsion_float32_matches_float64(offset, spread, h, block_size):
     assert np.all(err <= 64 * EPS32 * mag + 1e-30), float(np.max(err / np.maximum(mag, 1e-300)))
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("h", [1e-6, 1e-8])
 def test_svgd_tiny_bandwidth_float32_matches_float64_and_eager_equals_jit(h):
     x32, x64 = _cluster(1.0, np.sqrt(h), m=20)
@@ -135,6 +139,7 @@ def _update(weighting="stein", block_size=None, kernel=None):
     return _UPDATES[key]
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("offset,spread", CLUSTERS)
 @pytest.mark.parametrize("block_size", [None, 8])
 def test_mtsgd_update_and_gram_float32_match_float64(offset, spread, block_size):
@@ -160,6 +165,7 @@ def test_mtsgd_update_and_gram_float32_match_float64(offset, spread, block_size)
     np.testing.assert_allclose(np.asarray(s32.bandwidth), np.asarray(s64.bandwidth), rtol=32 * EPS32)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("offset,spread", CLUSTERS)
 def test_mtsgd_blocked_equals_unblocked_far_from_origin(offset, spread):
     x32, _ = _cluster(offset, spread)
@@ -185,6 +191,7 @@ def _huge_grads(scale, m=20, seed=3):
     return x, g.astype(np.float32)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("scale", [1e18, 3e18])
 @pytest.mark.parametrize("weighting", ["stein", "normalized", "score"])
 def test_huge_gradients_give_finite_simplex_weights(scale, weighting):

@@ -43,6 +43,7 @@ def test_problem_constants():
     assert len(PROB.log_probs) == 3
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("point", HAND_POINTS)
 def test_log_prob_matches_mixture_formula(point):
     x = jnp.asarray(point, jnp.float64)
@@ -53,6 +54,7 @@ def test_log_prob_matches_mixture_formula(point):
         np.testing.assert_allclose(float(PROB.log_probs[k](x)), _mixture_logp(point)[k], rtol=1e-12)
 
 
+@pytest.mark.x64
 def test_log_prob_dtype_follows_input():
     assert PROB.log_prob(jnp.zeros(2, jnp.float32)).dtype == jnp.float32
     assert PROB.log_prob(jnp.zeros(2, jnp.float64)).dtype == jnp.float64
@@ -79,6 +81,7 @@ def test_log_prob_max_against_fine_grid():
     np.testing.assert_allclose(argmax, MEANS[:, 0], atol=0.1)
 
 
+@pytest.mark.x64
 def test_in_joint_region():
     pts = jnp.asarray([[0.0, 0.0], [4.0, -4.0], [-4.0, 4.0], [-3.0, -3.0], [0.2, 0.2]], jnp.float64)
     inside = np.asarray(_in_joint(pts))
@@ -96,6 +99,7 @@ def test_in_joint_region():
     assert 0 < ref.sum() < len(ref)
 
 
+@pytest.mark.x64
 def test_init_particles():
     x = PROB.init_particles(jax.random.key(0), 4000)
     assert x.shape == (4000, 2) and x.dtype == jnp.float32

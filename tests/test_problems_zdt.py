@@ -29,6 +29,7 @@ def _curve3(f1):
     return 1.0 - np.sqrt(f1) - f1 * np.sin(10.0 * np.pi * f1)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("index", [1, 2, 3])
 def test_objectives_at_zero(index):
     prob = zdt(index)
@@ -38,6 +39,7 @@ def test_objectives_at_zero(index):
     np.testing.assert_allclose(np.asarray(f), [0.0, 1.0], atol=1e-15)
 
 
+@pytest.mark.x64
 def test_objectives_hand_computed_point():
     # theta_1 = 0.25, the other 29 variables 0.5: g = 1 + 9/29 * 29 * 0.5 = 5.5.
     theta = [0.25] + [0.5] * 29
@@ -57,6 +59,7 @@ def test_objectives_hand_computed_point():
     np.testing.assert_allclose(expected[3][1], 5.5 - math.sqrt(1.375) - 0.25, rtol=1e-14)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("index", [1, 2, 3])
 @pytest.mark.parametrize("n", [2, 5, 30])
 def test_objectives_match_formula_random(index, n):
@@ -76,6 +79,7 @@ def test_objectives_match_formula_random(index, n):
         np.testing.assert_allclose(lp_k, -want[:, k], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.x64
 def test_dtype_follows_input():
     prob = zdt3(4)
     assert prob.objectives(jnp.full(4, 0.3, jnp.float32)).dtype == jnp.float32
@@ -83,6 +87,7 @@ def test_dtype_follows_input():
     assert prob.init_particles(jax.random.key(0), 3).dtype == jnp.float32
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("index", [1, 2, 3])
 def test_pareto_front_on_curve_and_consistent_with_set(index):
     prob = zdt(index, num_variables=7)
@@ -171,6 +176,7 @@ def test_front_points_helper():
         zdt_front_points(np.array([[1.0, 0.0]]), 3)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("index", [1, 2, 3])
 def test_gradients_finite_on_boundary(index):
     prob = zdt(index, num_variables=6)
@@ -192,6 +198,7 @@ def test_gradients_finite_on_boundary(index):
     np.testing.assert_allclose(j, fd, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.x64
 def test_grad_of_log_probs_vmapped_and_jitted():
     prob = zdt1(5)
     x = prob.init_particles(jax.random.key(1), 11, jnp.float64)

@@ -243,6 +243,7 @@ def _battery_params():
                 yield pytest.param(kind, m, dtype, marks=marks, id=f"{kind}-{m}-{dtype.__name__}")
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("kind,method,dtype", list(_battery_params()))
 def test_lemma1_and_objective_on_battery(kind, method, dtype):
     viol, excess = _battery_results(kind)[(method, dtype.__name__)]  # in units of the tolerances
@@ -254,6 +255,7 @@ def test_lemma1_and_objective_on_battery(kind, method, dtype):
     assert excess.max() <= 1.0, f"objective: worst {excess.max():.2f} x tolerance, {bad} of {excess.size} above"
 
 
+@pytest.mark.x64
 def test_backends_agree_on_gaussian_battery_where_converged():
     # Objective agreement across backends wherever each one meets Lemma 1: the solvers may
     # only disagree on problems they did not solve.
@@ -267,6 +269,7 @@ def test_backends_agree_on_gaussian_battery_where_converged():
             assert np.max(np.abs(excess[m][converged])) <= 1.0, (m, dtype.__name__)
 
 
+@pytest.mark.x64
 def test_projected_gradient_k2_matches_closed_form():
     # Regression: with FISTA acceleration, jaxopt stopped when two consecutive iterates
     # coincided at the vertex [0, 1] (distance between iterates 0 <= tol) although the
@@ -295,6 +298,7 @@ def test_single_target(dtype):
             np.testing.assert_array_equal(w, [1.0])
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("k", [2, 3])
 def test_identical_directions_singular(k):
     u = 3.0 * np.ones((k, k))  # every w gives the same value: any simplex point is optimal
@@ -335,6 +339,7 @@ def test_non_finite_gram_gives_uniform(k, bad):
             np.testing.assert_array_equal(w, np.full(k, 1.0 / k), err_msg=f"{m} {where}")
 
 
+@pytest.mark.x64
 def test_zero_gram():
     # U = 0 (every direction vanishes): any simplex point is a valid answer
     for k in [2, 3]:
@@ -356,6 +361,7 @@ def test_ill_conditioned(dtype):
             assert w @ u_rounded @ w - best <= objective_tol(2, dtype) * np.max(np.diag(u_rounded)), (m, theta)
 
 
+@pytest.mark.x64
 def test_ill_conditioned_k3():
     rng = np.random.default_rng(3)
     q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
@@ -393,6 +399,7 @@ def _solve_all_batched(u, init):
     return {m: jax.vmap(partial(min_norm_weights, method=m))(u, init=init) for m in ITERATIVE}
 
 
+@pytest.mark.x64
 def test_jit_vmap_and_warm_start():
     rng = np.random.default_rng(5)
     b, k = 5, 3
@@ -489,6 +496,7 @@ def test_enumerate_needs_k_le_12():
         min_norm_weights(np.eye(13), method="enumerate")
 
 
+@pytest.mark.x64
 def test_enumerate_vmapped_matches_reference():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(64, 4, 3))
@@ -518,6 +526,7 @@ def projection_bisection(v, iters=200):
 _project = jax.jit(projection_simplex)
 
 
+@pytest.mark.x64
 @given(
     arrays(
         np.float64,
@@ -557,6 +566,7 @@ def test_projection_simplex_batched():
         projection_simplex(jnp.asarray(1.0))
 
 
+@pytest.mark.x64
 def test_polish_can_be_switched_off_and_repairs_a_wrong_support():
     # Frank-Wolfe stopped after 3 steps carries weight on an index whose optimal weight is 0;
     # the active-set polish must remove it and certify optimality.

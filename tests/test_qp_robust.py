@@ -83,6 +83,7 @@ def gram_matrices(draw):
     return u.astype(np.float32), shift
 
 
+@pytest.mark.x64
 @given(gram_matrices())
 def test_float32_any_scale_finite_simplex_and_lemma1(case):
     u0, shift = case
@@ -211,6 +212,7 @@ def gap(u, w):
     return (w @ uw - uw.min()) / np.max(np.abs(u))
 
 
+@pytest.mark.x64
 def test_polish_never_worsens_the_certificate_float32():
     # Regression: the polish accepted any candidate whose float32 gap was below 64 K eps, and
     # replaced OSQP's near-exact answer (gap 4.5e-10) on one of these matrices by a vertex

@@ -118,6 +118,7 @@ def test_make_transform_equals_the_factory(case):
     assert got[0].dtype == dtype and got[0].shape == (M, D)
 
 
+@pytest.mark.x64
 def test_svgd_takes_one_target():
     x, grads, _ = _problem(jnp.float64)
     _assert_identical(*_both(make_transform("svgd:block_size=2", 1), svgd(block_size=2), x=x, grads=grads[0]))

@@ -61,6 +61,7 @@ def _assert_tree_close(a, b, rtol=1e-12, atol=1e-12):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("form", ["sequence", "vector"])
 def test_value_and_grads_matches_hand_loop(form):
     x = _particles()
@@ -73,6 +74,7 @@ def test_value_and_grads_matches_hand_loop(form):
     _assert_tree_close(grads, ref_g)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("form", ["sequence", "vector"])
 def test_log_prob_and_loss_sign_conventions(form):
     x = _particles()
@@ -105,6 +107,7 @@ def _dict_fns():
     return list(_DICT_FNS)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("fn", [mj.value_and_grads, mj.log_prob_value_and_loss_grads, mj.loss_value_and_grads])
 @pytest.mark.parametrize("form", ["sequence", "vector"])
 def test_dict_particles(fn, form):
@@ -120,6 +123,7 @@ def test_dict_particles(fn, form):
     _assert_tree_close(grads, jax.tree_util.tree_map(lambda g: sign * g, ref_g))
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("form", ["sequence", "vector"])
 def test_extra_args_are_passed_through(form):
     x = _particles()
@@ -137,6 +141,7 @@ def test_extra_args_are_passed_through(form):
     assert not np.allclose(np.asarray(values2), np.asarray(values))
 
 
+@pytest.mark.x64
 def test_works_under_jit():
     x = _particles()
     f = jax.jit(lambda x: mj.log_prob_value_and_loss_grads(_stacked, x))
@@ -146,6 +151,7 @@ def test_works_under_jit():
     np.testing.assert_allclose(np.asarray(grads), -np.asarray(ref_g), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.x64
 def test_single_target_sequence_gives_k_equal_one():
     x = _particles()
     values, grads = mj.log_prob_value_and_loss_grads([_fns()[0]], x)
@@ -153,6 +159,7 @@ def test_single_target_sequence_gives_k_equal_one():
     np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(x - 1.0), rtol=1e-12)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize(
     "bad",
     [
@@ -165,6 +172,7 @@ def test_non_vector_output_raises(bad):
         mj.value_and_grads(bad, _particles())
 
 
+@pytest.mark.x64
 def test_invalid_target_sequences_raise():
     with pytest.raises(TypeError):
         mj.value_and_grads([], _particles())

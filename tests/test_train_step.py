@@ -123,6 +123,7 @@ def test_mlp_fast_forward_and_per_task_grads_equal_flax(dtype):
 _pool_pair = jax.jit(lambda x: (nn.max_pool(x, (2, 2), strides=(2, 2)), max_pool_2x2(x)))
 
 
+@pytest.mark.x64
 @given(
     shape=st.sampled_from([(1, 2, 2, 1), (2, 5, 4, 3), (3, 7, 9, 2), (2, 8, 8, 1)]),
     f64=st.booleans(), seed=st.integers(0, 2**16), ties=st.booleans(),
@@ -148,6 +149,7 @@ def _conv_pair(x, kern, bias, shared):
 
 
 
+@pytest.mark.x64
 @given(
     dims=st.sampled_from([(1, 1, 1, 1, 1), (2, 3, 2, 3, 2), (3, 4, 4, 2, 3)]),
     shared=st.booleans(), f64=st.booleans(), seed=st.integers(0, 2**16),
@@ -258,6 +260,7 @@ def test_function_kernel_reusing_the_forward_pass_equals_recomputing(digits_task
         np.testing.assert_allclose(a, b, rtol=0, atol=_tol(dtype, b))
 
 
+@pytest.mark.x64
 def test_per_task_gradients_equal_separate_grads(digits_task):
     """The vmapped VJP over K cotangents gives each task's own gradient (float64)."""
     method = build_method(digits_task, "mgda", 2)

@@ -321,6 +321,7 @@ _GOOD = [jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16]
 _BAD = [jnp.int32, jnp.int64, jnp.uint8, jnp.bool_, jnp.complex64]
 
 
+@pytest.mark.x64
 @given(
     num_leaves=st.integers(1, 5),
     bad_index=st.integers(0, 4),
