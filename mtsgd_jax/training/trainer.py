@@ -144,6 +144,11 @@ def _jsonable(value):
 _precomputed = _recipe._precomputed
 
 
+# Features whose pullback runs through the whole network (the step batches their VJP with the
+# per-task gradients'); the split kernels' head features only reach their head.
+_WHOLE_NETWORK_FEATURES = ("outputs", "latent")
+
+
 def _cached(feature_cache, name="outputs"):
     """The ``(features, pullback)`` pair ``name`` of a feature cache (a dict of named pairs, or one pair)."""
     if isinstance(feature_cache, dict):
@@ -337,7 +342,7 @@ class Trainer:
             return ("latent",) + tuple(f"head_{k}" for k in range(self.task.num_tasks))
         return ()
 
-    def _forward_and_grads(self, params, model_state, x, y, scalarization=None):
+    def _forward_and_grads(self, params, model_state, x, y, scalarization=None, *, method_state=None):
         """Per-task losses (K, P), their gradients and the new model state, from ONE forward pass.
 
         All P networks run in one forward pass (the task's fast ensemble pass when
@@ -351,6 +356,18 @@ class Trainer:
         ``"head_0"`` ... ``"head_{K-1}"`` (the split kernels: encoder outputs and
         each head's outputs). ``pullback`` maps a (P, p) cotangent to one shaped
         like ``params`` through the same pass.
+
+        ``method_state`` (the method's transformation state; :meth:`step` passes
+        it): the kernels' cotangents on the features whose pullback runs through
+        the whole network (``"outputs"``, ``"latent"``) are found first, by the
+        method's update on the features with placeholder gradients (everything
+        else of it is dead code), and join the K task cotangents in the SAME
+        vmapped VJP: K + 1 backward passes in one batched computation instead of
+        a batch of K and a separate one. Their ``pullback`` then returns that
+        result when the update asks for exactly that cotangent, which it does
+        whenever every particle's gradients are finite (the placeholder's
+        finiteness); otherwise (a particle left out of the kernel) it runs its
+        own VJP, so the update is the one without ``method_state`` either way.
         """
         task, k = self.task, self.task.num_tasks
         scal = self.method.scalarization if scalarization is None else scalarization
@@ -372,24 +389,82 @@ class Trainer:
         (values, feats), vjp, new_state = jax.vjp(f, params, has_aux=True)
         p = values.shape[0]
         zeros = {n: jnp.zeros_like(v) for n, v in feats.items()}
+        task_cts = jnp.broadcast_to(jnp.eye(k, dtype=values.dtype)[:, None, :], (k, p, k))
 
-        if scal is None:
-            cts = jnp.broadcast_to(jnp.eye(k, dtype=values.dtype)[:, None, :], (k, p, k))
-            grads = jax.vmap(lambda c: vjp((c, zeros))[0])(cts)  # leaves (K, P, ...)
-        else:
+        if scal is not None:
             grads = vjp((jnp.asarray(scal, values.dtype), zeros))[0]  # leaves (P, ...)
-        cache = None
-        if names:
+            return values.T, grads, new_state, None
+        if not names:
+            grads = jax.vmap(lambda c: vjp((c, zeros))[0])(task_cts)  # leaves (K, P, ...)
+            return values.T, grads, new_state, None
 
-            def pullback(name):
-                return lambda c: vjp((jnp.zeros_like(values), {**zeros, name: c.astype(feats[name].dtype)}))[0]
+        def own_vjp(name):
+            return lambda c: vjp((jnp.zeros_like(values), {**zeros, name: c.astype(feats[name].dtype)}))[0]
 
-            cache = {n: (feats[n], pullback(n)) for n in names}
+        guessed = {}
+        if method_state is not None:
+            guessed = self._kernel_cotangents(params, method_state, values.T, feats, x, model_state)
+        batched = [n for n in _WHOLE_NETWORK_FEATURES if n in guessed]
+        # ONE vmapped VJP: the K task cotangents, then the guessed feature cotangents.
+        value_cts = jnp.concatenate([task_cts, jnp.zeros((len(batched), p, k), values.dtype)])
+        feat_cts = {
+            n: jnp.stack([jnp.zeros_like(z)] * k + [
+                guessed[m].astype(z.dtype) if m == n else jnp.zeros_like(z) for m in batched
+            ]) for n, z in feats.items()
+        }
+        pulled = jax.vmap(lambda cv, cf: vjp((cv, cf))[0])(value_cts, feat_cts)
+        grads = jax.tree_util.tree_map(lambda g: g[:k], pulled)  # leaves (K, P, ...)
+
+        def pullback(name):
+            if name not in batched:
+                return own_vjp(name)
+            i = k + batched.index(name)
+            ready = jax.tree_util.tree_map(lambda g: g[i], pulled)
+
+            def fresh(c):
+                # Its own forward pass too: the branch shares no intermediate value with the step's pass.
+                (v, z), back, _ = jax.vjp(f, params, has_aux=True)
+                return back((jnp.zeros_like(v), {**zeros, name: c.astype(z[name].dtype)}))[0]
+
+            def pb(c):
+                same = jnp.array_equal(c, guessed[name])
+                return jax.lax.cond(same, lambda c: ready, fresh, c)
+
+            return pb
+
+        cache = {n: (feats[n], pullback(n)) for n in names}
         return values.T, grads, new_state, cache
+
+    def _kernel_cotangents(self, params, method_state, values, feats, x, model_state) -> dict:
+        """``{name: (P, p) cotangent}`` that the method's update pulls back through each feature.
+
+        Runs the method's update with placeholder per-task gradients (ones, finite)
+        and a feature cache whose pullbacks record their cotangent (and return
+        zeros); under ``jit`` only the kernels' cotangents are computed from it. A
+        feature whose pullback is not called exactly once is left out.
+        """
+        k = self.task.num_tasks
+        seen = {n: [] for n in feats}
+
+        def record(name):
+            def pb(c):
+                seen[name].append(c)
+                return jax.tree_util.tree_map(jnp.zeros_like, params)
+
+            return pb
+
+        cache = {n: (jax.lax.stop_gradient(z), record(n)) for n, z in feats.items()}
+        ones = jax.tree_util.tree_map(lambda a: jnp.ones((k,) + a.shape, a.dtype), params)
+        self.method.transform.update(
+            ones, method_state, params, losses=values, inputs=x, model_state=model_state, feature_cache=cache
+        )
+        return {n: cs[0] for n, cs in seen.items() if len(cs) == 1}
 
     def _step(self, state: TrainState, x, y):
         """One training step: ``(state, x, y) -> (new_state, per-task losses (K, P) before the step)``."""
-        values, grads, new_model_state, cache = self._forward_and_grads(state.params, state.model_state, x, y)
+        values, grads, new_model_state, cache = self._forward_and_grads(
+            state.params, state.model_state, x, y, method_state=state.opt_state[0]
+        )
         extra = {} if cache is None else {"feature_cache": cache}
         updates, opt_state = self.tx.update(
             grads, state.opt_state, state.params, losses=values, inputs=x, model_state=state.model_state, **extra
