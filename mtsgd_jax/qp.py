@@ -274,16 +274,27 @@ def _kkt_candidate(u, support):
     """Minimiser of w^T U w over {sum w = 1, w_j = 0 off ``support``}, from its KKT system.
 
     Solves [[2 U_SS, -1], [1^T, 0]] [w_S; lam] = [0; 1] with the rows and columns
-    off the support replaced by the identity. May be infeasible or non-finite
-    (singular U_SS); the caller checks.
+    off the support replaced by the identity. May be infeasible, or NaN when the
+    system is singular (non-finite solve, or a residual above sqrt(eps) of its
+    scale); the caller checks.
     """
     k = u.shape[0]
     on = support.astype(u.dtype)
     both = on[:, None] * on[None, :]
-    top = jnp.concatenate([2.0 * u * both + jnp.diag(1.0 - on), -on[:, None]], axis=1)
+    # A ridge of (K + 1) eps (U is scaled to a largest entry in [1, 2), so this is at rounding level)
+    # makes U_SS definite: equal or dependent rows of U (a singular system) then give the
+    # ridge's minimiser on the face instead of no answer.
+    ridge = (k + 1) * jnp.finfo(u.dtype).eps
+    top = jnp.concatenate([2.0 * (u + ridge * jnp.eye(k, dtype=u.dtype)) * both + jnp.diag(1.0 - on), -on[:, None]], axis=1)
     bottom = jnp.concatenate([on, jnp.zeros((1,), u.dtype)])[None, :]
     rhs = jnp.zeros((k + 1,), u.dtype).at[k].set(1.0)
-    return jnp.linalg.solve(jnp.concatenate([top, bottom], axis=0), rhs)[:k]
+    a = jnp.concatenate([top, bottom], axis=0)
+    sol = jnp.linalg.solve(a, rhs)
+    # A (numerically) singular system -- e.g. two equal rows of U on the support -- can come back
+    # finite but meaningless from LU; its residual gives it away. Report it as non-finite.
+    resid = jnp.max(jnp.abs(a @ sol - rhs))
+    bound = jnp.sqrt(jnp.finfo(u.dtype).eps) * (jnp.max(jnp.abs(a)) * jnp.max(jnp.abs(sol)) + 1.0)
+    return jnp.where(resid <= bound, sol[:k], jnp.nan)
 
 
 def _certificate(u, w):
