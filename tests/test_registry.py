@@ -108,6 +108,7 @@ CASES = {
 }
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_make_transform_equals_the_factory(case):
     spec, overrides, direct, needs_losses, dtype = CASES[case]

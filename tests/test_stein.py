@@ -291,6 +291,7 @@ def test_gram_symmetric_psd_and_ksd(problem):
         assert np.all(u**2 <= np.outer(ksd, ksd) + 1e-9 * scale**2), name
 
 
+@pytest.mark.x64
 @given(stein_problems())
 def test_library_matches_brute_force_property(problem):
     x, s = problem
