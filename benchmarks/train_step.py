@@ -11,10 +11,16 @@ Cases (synthetic data of the real shapes):
 Variants, each ONE jit-compiled :meth:`mtsgd_jax.training.Trainer.step`
 (forward pass, per-task gradients, the method's update, Adam):
 ``mtsgd`` (parameter-space kernel), ``mtsgd_function`` (function-space
-kernel), ``moo_svgd``, ``mgda``, ``linear_scalarization``; ``mtsgd_plain``: the
-same MT-SGD step with ``Trainer(fast=False)`` (the flax module vmapped over
-the networks); ``mtsgd_update``: the MT-SGD transformation alone on given
-gradients (U, the QP, the combined direction). ``torch``: the same networks in
+kernel), ``mtsgd_split`` (the published recipe's split kernels: latent
+features for the encoder, head outputs for each head), ``moo_svgd``, ``mgda``,
+``linear_scalarization``; ``mtsgd_plain``: the same MT-SGD step with
+``Trainer(fast=False)`` (the flax module vmapped over the networks);
+``mtsgd_update``: the MT-SGD transformation alone on given gradients (U, the
+QP, the combined direction). Not run unless named in ``--variants``:
+``mtsgd_function_separate`` and ``mtsgd_split_separate``, the function / split
+steps with the whole-network feature pullback as its own VJP after the K
+per-task ones (the trainer's feature cache without ``method_state``; the step
+batches that pullback with the per-task cotangents instead). ``torch``: the same networks in
 PyTorch, for each network one forward and K backward passes
 (``torch.autograd.grad`` per task loss, graph retained), no optimiser.
 
@@ -45,7 +51,15 @@ Reproduce (repository root)::
 
 Results: ``benchmarks/results/train_step.json`` (every round's times, medians,
 compile times, flops, ratios, machine information and load) and
-``benchmarks/results/train_step.png``.
+``benchmarks/results/train_step.png`` (``--out-name`` changes the stem).
+``ratio_to_parameter_kernel``: a kernel-on-features variant's median over the
+``mtsgd`` median of the same case and run.
+
+The kernel-space comparison (LeNet; function and split steps against the
+parameter step, with and without the batched feature VJP)::
+
+    python benchmarks/train_step.py --cases lenet --rounds 7 --out-name train_step_kernel_space \
+        --variants mtsgd,mtsgd_function,mtsgd_split,mtsgd_function_separate,mtsgd_split_separate
 """
 
 from __future__ import annotations
@@ -65,11 +79,25 @@ def _set_threads(threads: int) -> None:
     os.environ["XLA_FLAGS"] = flags.strip()
 
 
+VARIANTS = (
+    "mtsgd", "mtsgd_function", "mtsgd_split", "moo_svgd", "mgda", "linear_scalarization", "mtsgd_plain", "mtsgd_update"
+)
+EXTRA_VARIANTS = ("mtsgd_function_separate", "mtsgd_split_separate")
+RESNET_VARIANTS = ("mtsgd", "linear_scalarization")
+KERNEL_SPACES = {"mtsgd_function": "function", "mtsgd_split": "split"}
+
+
 def _parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (default 5)")
     ap.add_argument("--threads", type=int, default=1, help="threads for XLA and PyTorch alike (default 1)")
     ap.add_argument("--cases", default="lenet,sarcos,resnet", help="comma-separated subset of lenet,sarcos,resnet")
+    ap.add_argument(
+        "--variants", default=None,
+        help=f"comma-separated variants of the LeNet and SARCOS cases (default {','.join(VARIANTS)}; "
+        f"also {','.join(EXTRA_VARIANTS)}); the ResNet case runs {','.join(RESNET_VARIANTS)} of them",
+    )
+    ap.add_argument("--out-name", default="train_step", help="stem of the JSON and PNG written under --out")
     ap.add_argument("--resnet-batch", type=int, default=4)
     ap.add_argument("--resnet-m", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -87,10 +115,8 @@ import optax  # noqa: E402
 
 from mtsgd_jax.models import MultiHeadLeNet, MultiHeadResNet18, SarcosMLP  # noqa: E402
 from mtsgd_jax.report import format_table, machine_info, median, save_figure, write_json  # noqa: E402
-from mtsgd_jax.training import ArrayDataset, Task, Trainer, build_method  # noqa: E402
+from mtsgd_jax.training import ArrayDataset, Task, Trainer, TrainState, build_method  # noqa: E402
 
-VARIANTS = ("mtsgd", "mtsgd_function", "moo_svgd", "mgda", "linear_scalarization", "mtsgd_plain", "mtsgd_update")
-RESNET_VARIANTS = ("mtsgd", "linear_scalarization")
 
 
 def _task(case: str, n: int, rng) -> tuple[Task, np.ndarray, np.ndarray]:
@@ -127,19 +153,36 @@ def _forward_flops(task: Task) -> float:
     return float(cost["flops"])
 
 
+def _separate_feature_vjp_step(trainer: Trainer):
+    """:meth:`Trainer.step` with the feature pullback as its own VJP: the feature cache of
+    ``_forward_and_grads`` without ``method_state`` (no cotangent guessed, nothing batched)."""
+
+    def step(state, x, y):
+        values, grads, new_model_state, cache = trainer._forward_and_grads(state.params, state.model_state, x, y)
+        updates, opt_state = trainer.tx.update(
+            grads, state.opt_state, state.params, losses=values, inputs=x, model_state=state.model_state,
+            feature_cache=cache,
+        )
+        return TrainState(optax.apply_updates(state.params, updates), new_model_state, opt_state), values
+
+    return jax.jit(step)
+
+
 def _jax_variants(case, task, x, y, m, names):
     """name -> (compiled callable of no arguments, compile seconds, backward passes)."""
     out = {}
     xj, yj = jnp.asarray(x), jnp.asarray(y)
     for name in names:
         method_name, space, fast = name, "parameter", True
-        if name == "mtsgd_function":
-            method_name, space = "mtsgd", "function"
+        base = name.removesuffix("_separate")
+        if base in KERNEL_SPACES:
+            method_name, space = "mtsgd", KERNEL_SPACES[base]
         elif name in ("mtsgd_plain", "mtsgd_update"):
             method_name, fast = "mtsgd", name != "mtsgd_plain"
         method = build_method(task, method_name, m, kernel_space=space)
         trainer = Trainer(task, method, optax.adam(1e-3), batch_size=len(x), fast=fast)
         state = trainer.init(0)
+        step = _separate_feature_vjp_step(trainer) if name.endswith("_separate") else trainer.step
         start = time.perf_counter()
         if name == "mtsgd_update":
             values, grads, _ = jax.jit(trainer._losses_and_grads)(state.params, state.model_state, xj, yj)
@@ -149,7 +192,7 @@ def _jax_variants(case, task, x, y, m, names):
             fn = (lambda c=compiled, a=(grads, opt, state.params, values): c(*a))
             passes = 0
         else:
-            compiled = trainer.step.lower(state, xj, yj).compile()
+            compiled = step.lower(state, xj, yj).compile()
             fn = (lambda c=compiled, a=(state, xj, yj): c(*a))
             passes = 1 if method.scalarization is not None else task.num_tasks
         out[name] = (fn, time.perf_counter() - start, passes)
@@ -242,11 +285,15 @@ def main(args) -> dict:
     rng = np.random.default_rng(0)
     setup = {"lenet": (256, 5), "sarcos": (512, 5), "resnet": (args.resnet_batch, args.resnet_m)}
     cases = [c for c in args.cases.split(",") if c]
+    chosen = VARIANTS if args.variants is None else tuple(v for v in args.variants.split(",") if v)
+    unknown = sorted(set(chosen) - set(VARIANTS) - set(EXTRA_VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {VARIANTS + EXTRA_VARIANTS}")
     runs, info = {}, {}
     for case in cases:
         n, m = setup[case]
         task, x, y = _task(case, n, rng)
-        names = RESNET_VARIANTS if case == "resnet" else VARIANTS
+        names = tuple(v for v in chosen if v in RESNET_VARIANTS) if case == "resnet" else chosen
         fl = _forward_flops(task)
         variants = _jax_variants(case, task, x, y, m, names)
         torch_step = _torch_step(case, x, y, m, args.threads)
@@ -287,12 +334,14 @@ def main(args) -> dict:
                 "gflops_per_s": None if flops is None else flops / 1e9 / (ms / 1e3),
                 "ratio_to_torch": None if torch_ms is None else ms / torch_ms,
             }
-        if "mtsgd_update" in rows:
-            rows["mtsgd_update"]["fraction_of_mtsgd_step"] = rows["mtsgd_update"]["ms_per_step"] / rows["mtsgd"]["ms_per_step"]
-        if "mtsgd_function" in rows:
-            rows["mtsgd_function"]["ratio_to_parameter_kernel"] = rows["mtsgd_function"]["ms_per_step"] / rows["mtsgd"]["ms_per_step"]
-        if "mtsgd_plain" in rows:
-            rows["mtsgd_plain"]["ratio_to_fast"] = rows["mtsgd_plain"]["ms_per_step"] / rows["mtsgd"]["ms_per_step"]
+        base_ms = rows["mtsgd"]["ms_per_step"] if "mtsgd" in rows else None
+        if "mtsgd_update" in rows and base_ms:
+            rows["mtsgd_update"]["fraction_of_mtsgd_step"] = rows["mtsgd_update"]["ms_per_step"] / base_ms
+        for name in rows:
+            if name.removesuffix("_separate") in KERNEL_SPACES and base_ms:
+                rows[name]["ratio_to_parameter_kernel"] = rows[name]["ms_per_step"] / base_ms
+        if "mtsgd_plain" in rows and base_ms:
+            rows["mtsgd_plain"]["ratio_to_fast"] = rows["mtsgd_plain"]["ms_per_step"] / base_ms
         results[case] = {**ci, "variants": rows}
     payload = {
         "benchmark": "train_step",
@@ -307,15 +356,16 @@ def main(args) -> dict:
         "cases": results,
     }
     os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, "train_step.json"), payload)
+    write_json(os.path.join(args.out, f"{args.out_name}.json"), payload)
     table = []
     for case, res in results.items():
         for name, row in res["variants"].items():
             table.append([f"{case}/{name}", row["ms_per_step"], row["gflops_per_s"] if row["gflops_per_s"] else "-",
-                          row["ratio_to_torch"] if row["ratio_to_torch"] else "-", row["compile_s"] or "-"])
-    print(format_table(["case/variant", "ms/step", "GFLOP/s", "/torch", "compile s"], table))
+                          row["ratio_to_torch"] if row["ratio_to_torch"] else "-",
+                          row.get("ratio_to_parameter_kernel") or "-", row["compile_s"] or "-"])
+    print(format_table(["case/variant", "ms/step", "GFLOP/s", "/torch", "/mtsgd", "compile s"], table))
     print(f"load before {load_before}, after {load_after}")
-    _plot(results, os.path.join(args.out, "train_step.png"))
+    _plot(results, os.path.join(args.out, f"{args.out_name}.png"))
     return payload
 
 
