@@ -197,6 +197,36 @@ def test_nonfinite_gradient_falls_back_to_the_plain_update(tasks, name, space, d
     tr, method, state, x, y = _setup(task, name, space, dtype)
     params = dict(state.params)
     params["b"] = params["b"].at[0].set(0.0)
+    batched, plain, seen, guessed = _both_paths(tr, method, params, x, y)
+    whole = "outputs" if space == "function" else "latent"
+    assert not np.array_equal(seen[whole], guessed[whole], equal_nan=True)  # the guess is wrong: fallback exercised
+    _assert_trees_close(batched, plain, dtype)
+    row0 = np.concatenate([np.ravel(a[0]) for a in jax.tree_util.tree_leaves(batched["Dense_0"])])
+    assert np.all(np.isnan(row0))  # particle 0 left out of the (encoder's) kernel
+    rest = np.concatenate([np.ravel(a[1:]) for a in jax.tree_util.tree_leaves(batched)])
+    assert np.all(np.isfinite(rest))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32])
+def test_diverged_network_keeps_the_batched_pullback(tasks, dtype):
+    """Particle 0's parameters are NaN (a diverged network): the kernel leaves it out in the placeholder run
+    too, so the guessed cotangent is the update's (the batched VJP is used) and the update is the plain one."""
+    task = tasks["mlp"]
+    tr, method, state, x, y = _setup(task, "mtsgd", "function", dtype)
+    params = jax.tree_util.tree_map(lambda a: a.at[0].set(jnp.nan), state.params)
+    batched, plain, seen, guessed = _both_paths(tr, method, params, x, y)
+    assert np.all(seen["outputs"][0] == 0) and np.all(np.isfinite(seen["outputs"]))  # row 0 left out
+    np.testing.assert_array_equal(seen["outputs"], guessed["outputs"])
+    row0 = np.concatenate([np.ravel(a[0]) for a in jax.tree_util.tree_leaves(batched)])
+    assert np.all(np.isnan(row0))
+    _assert_trees_close(batched, plain, dtype)
+    rest = np.concatenate([np.ravel(a[1:]) for a in jax.tree_util.tree_leaves(batched)])
+    assert np.all(np.isfinite(rest))
+
+
+def _both_paths(tr, method, params, x, y):
+    """Under one jit: the update with the batched feature VJP, the plain one, the cotangents the first
+    pulled back and the ones the placeholder run guessed."""
     opt = method.transform.init(params)
 
     @jax.jit
@@ -207,11 +237,4 @@ def test_nonfinite_gradient_falls_back_to_the_plain_update(tasks, name, space, d
         guessed = tr._kernel_cotangents(params, opt, values, {n: z for n, (z, _) in cache.items()}, x, {})
         return batched, plain, seen, guessed
 
-    batched, plain, seen, guessed = run(params)
-    whole = "outputs" if space == "function" else "latent"
-    assert not np.array_equal(seen[whole], guessed[whole])  # the guess is wrong here: the fallback is exercised
-    _assert_trees_close(batched, plain, dtype)
-    row0 = np.concatenate([np.ravel(a[0]) for a in jax.tree_util.tree_leaves(batched["Dense_0"])])
-    assert np.all(np.isnan(row0))  # particle 0 left out of the (encoder's) kernel
-    rest = np.concatenate([np.ravel(a[1:]) for a in jax.tree_util.tree_leaves(batched)])
-    assert np.all(np.isfinite(rest))
+    return run(params)
