@@ -8,7 +8,9 @@
   computation, :meth:`Task.ensemble_forward`), the K per-task losses and their
   gradients (the pass's VJP applied to K cotangents at once; one cotangent of
   the scalarisation weights for linear scalarisation / single-task; the
-  function-space kernel's features and their pullback from the same pass), the method's
+  function-space and split kernels' features from the same pass, and the
+  kernels' cotangent on the whole-network features pulled back in the same
+  vmapped VJP as the K task cotangents, see :meth:`Trainer._forward_and_grads`), the method's
   transformation (which also receives ``losses=`` (K, P), ``inputs=`` and
   ``model_state=`` as extra arguments), the optimiser, the parameter update,
   and the new batch-norm statistics (ResNet);
