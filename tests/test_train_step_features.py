@@ -125,7 +125,8 @@ def _recorded_update(tr, method, params, opt, x, y, *, method_state):
         return wrapped
 
     cache = {n: (z, recording(n, pb)) for n, (z, pb) in cache.items()}
-    update = method.transform.update(grads, opt, params, losses=values, inputs=x, model_state={}, feature_cache=cache)[0]
+    extra = dict(losses=values, inputs=x, model_state={}, feature_cache=cache)
+    update = method.transform.update(grads, opt, params, **extra)[0]
     return update, seen
 
 
