@@ -46,12 +46,22 @@ def test_problem_constants():
 @pytest.mark.x64
 @pytest.mark.parametrize("point", HAND_POINTS)
 def test_log_prob_matches_mixture_formula(point):
+    prob = mj.toy_problem()  # built in x64 mode: float64 constants (the module's PROB has float32 ones)
     x = jnp.asarray(point, jnp.float64)
-    lp = PROB.log_prob(x)
+    lp = prob.log_prob(x)
     assert lp.shape == (3,)
     np.testing.assert_allclose(np.asarray(lp), _mixture_logp(point), rtol=1e-12, atol=1e-12)
     for k in range(3):
-        np.testing.assert_allclose(float(PROB.log_probs[k](x)), _mixture_logp(point)[k], rtol=1e-12)
+        np.testing.assert_allclose(float(prob.log_probs[k](x)), _mixture_logp(point)[k], rtol=1e-12)
+
+
+@pytest.mark.parametrize("point", HAND_POINTS)
+def test_log_prob_in_float32_matches_the_float64_formula(point):
+    lp = PROB.log_prob(jnp.asarray(point, jnp.float32))
+    assert lp.dtype == jnp.float32
+    ref = _mixture_logp(point)
+    # a handful of float32 roundings of terms of the size of |ref|, and a log-sum-exp
+    np.testing.assert_allclose(np.asarray(lp), ref, rtol=0, atol=16 * float(np.finfo(np.float32).eps) * (np.max(np.abs(ref)) + 1))
 
 
 @pytest.mark.x64

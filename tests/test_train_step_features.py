@@ -157,7 +157,10 @@ def test_step_equals_the_update_with_an_independent_feature_vjp(tasks, task_name
     assert set(guessed) == set(seen) and ("outputs" if space == "function" else "latent") in seen
     for n in seen:
         assert seen[n].shape == guessed[n].shape
-        np.testing.assert_array_equal(seen[n], guessed[n])
+        # the same expression compiled in two places: equal here, but XLA may round a fused copy
+        # differently on another CPU (then the trainer takes its exact fallback: slower, same update)
+        scale = float(np.max(np.abs(seen[n]))) or 1.0
+        np.testing.assert_allclose(seen[n], guessed[n], rtol=0, atol=16 * float(jnp.finfo(dtype).eps) * scale)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
@@ -217,7 +220,8 @@ def test_diverged_network_keeps_the_batched_pullback(tasks, dtype):
     params = jax.tree_util.tree_map(lambda a: a.at[0].set(jnp.nan), state.params)
     batched, plain, seen, guessed = _both_paths(tr, method, params, x, y)
     assert np.all(seen["outputs"][0] == 0) and np.all(np.isfinite(seen["outputs"]))  # row 0 left out
-    np.testing.assert_array_equal(seen["outputs"], guessed["outputs"])
+    scale = float(np.max(np.abs(seen["outputs"]))) or 1.0
+    np.testing.assert_allclose(seen["outputs"], guessed["outputs"], rtol=0, atol=16 * float(jnp.finfo(dtype).eps) * scale)
     row0 = np.concatenate([np.ravel(a[0]) for a in jax.tree_util.tree_leaves(batched)])
     assert np.all(np.isnan(row0))
     _assert_trees_close(batched, plain, dtype)
