@@ -12,6 +12,7 @@ Arrays made at import time are float32 (x64 is off while modules are collected);
 builds its float64 inputs inside the test.
 """
 
+import contextlib
 import gc
 import os
 
@@ -60,6 +61,17 @@ def _wants_x64(item) -> bool:
     return any(_is_x64_dtype(v) for v in callspec.params.values())
 
 
+@contextlib.contextmanager
+def _x64_on():
+    """x64 mode on inside the block, back to what it was after."""
+    before = bool(jax.config.jax_enable_x64)
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", before)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _x64_module(request):
     """x64 mode for a whole module marked ``pytestmark = pytest.mark.x64``, its module-scoped
@@ -67,27 +79,20 @@ def _x64_module(request):
     if request.node.get_closest_marker("x64") is None:
         yield
         return
-    jax.config.update("jax_enable_x64", True)
-    try:
+    with _x64_on():
         yield
-    finally:
-        jax.config.update("jax_enable_x64", False)
 
 
 @pytest.fixture(autouse=True)
 def _x64_mode(request, _x64_module):
     """Turn x64 mode on for tests that need float64, and back to what it was afterwards."""
-    before = bool(jax.config.jax_enable_x64)
     if not _wants_x64(request.node):
         # A test that leaked x64 mode would silently turn the following tests into float64 ones.
-        assert not before, "x64 mode leaked from an earlier test"
+        assert not jax.config.jax_enable_x64, "x64 mode leaked from an earlier test"
         yield
         return
-    jax.config.update("jax_enable_x64", True)
-    try:
+    with _x64_on():
         yield
-    finally:
-        jax.config.update("jax_enable_x64", before)
 
 
 @pytest.fixture(autouse=True, scope="module")
