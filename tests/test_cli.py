@@ -11,6 +11,7 @@ import pytest
 
 from mtsgd_jax import cli
 from mtsgd_jax.cli import _common, build_parser, main
+from mtsgd_jax.transforms import WEIGHTINGS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -150,3 +151,11 @@ def test_pyproject_license_is_an_spdx_expression():
     assert meta["project"]["license"] == "Apache-2.0"  # a table here makes setuptools >= 77 warn on every build
     assert not any(c.startswith("License ::") for c in meta["project"].get("classifiers", []))  # PEP 639: not both
     assert "setuptools>=77" in meta["build-system"]["requires"]
+
+
+
+def test_weighting_choices_are_the_library_s():
+    choices = _subparsers()[1]
+    for command in ("toy", "train"):
+        (action,) = [a for a in choices[command]._actions if a.dest == "weighting"]
+        assert tuple(action.choices) == WEIGHTINGS, command

@@ -458,7 +458,7 @@ def test_train_recipe_published_and_overrides():
     task = _task(TwoHead())
     tr, res = train(task, "mtsgd", num_particles=2, epochs=0, batch_size=8, recipe="published", progress=False)
     assert tr.method.kernel_space == "split" and tr.warmup_epochs == 1
-    assert res.config["optimizer"] == "sgd" and res.config["lr"] == 0.05 and res.config["recipe"] == "published"
+    assert res.config["optimizer"] == "momentum" and res.config["lr"] == 1e-3 and res.config["recipe"] == "published"
     tr2, res2 = train(task, "mtsgd", num_particles=2, epochs=0, batch_size=8, recipe="published",
                       lr=0.01, warmup_epochs=0, kernel_space="function", progress=False)
     assert tr2.method.kernel_space == "function" and tr2.warmup_epochs == 0 and res2.config["lr"] == 0.01
@@ -468,12 +468,11 @@ def test_train_recipe_published_and_overrides():
         train(task, "mtsgd", num_particles=2, epochs=0, batch_size=8, recipe="paper", progress=False)
 
 
-def test_recipe_learning_rate_for_a_task_with_adam_defaults():
+def test_recipe_optimizer_is_the_reference_codes_for_every_task():
     task = _task(TwoHead())
     adam = Task(**{**task.__dict__, "defaults": TaskDefaults("adam", 1e-4, 8, 2)})
-    assert recipe_mod.recipe_options("published", adam) == {
-        "kernel_space": "split", "warmup_epochs": 1, "optimizer": "sgd", "lr": 1e-2,
-    }
+    expected = {"kernel_space": "split", "warmup_epochs": 1, "optimizer": "momentum", "lr": 1e-3}
+    assert recipe_mod.recipe_options("published", adam) == expected == recipe_mod.recipe_options("published", task)
 
 
 def test_cli_recipe_reaches_train(monkeypatch):

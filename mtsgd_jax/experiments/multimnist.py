@@ -15,7 +15,7 @@ two labels; the multi-head LeNet). Two studies, one command:
    on each head's outputs and on the encoder's latent features, one warm-up
    epoch of linear scalarisation) trains with the same optimiser as the other
    variants by default (``recipe_optimizer="common"``), so that the rows differ
-   in the method only; ``"recipe"`` gives it the recipe's plain SGD.
+   in the method only; ``"recipe"`` gives it the recipe's SGD with momentum.
 2. **MT-SGD against M** (the seed's Figures 2 and 3): one MT-SGD variant
    (``sweep_variant``) for every M of ``sweep_particles`` (empty: no sweep); a
    run of study 1 with the same variant, M and seed is reused, not trained again.
@@ -106,7 +106,7 @@ DEFAULT_CONFIG = {
     "optimizer": "adam",
     "lr": 1e-3,
     # The optimiser of the published-recipe variant: "common" (the optimiser and lr above, as every
-    # other variant: only the kernels and the warm-up differ) or "recipe" (the recipe's plain SGD,
+    # other variant: only the kernels and the warm-up differ) or "recipe" (the recipe's SGD with momentum,
     # learning rate recipe_lr, None: the recipe's).
     "recipe_optimizer": "common",
     "recipe_lr": None,

@@ -859,10 +859,10 @@ def train(
 
     ``recipe="published"``: the MT-SGD reference code's network recipe
     (:mod:`~mtsgd_jax.training.recipe`): ``kernel_space="split"``,
-    ``warmup_epochs=1`` and plain SGD (``optimizer="sgd"``) with the task's
-    default learning rate when that default is an SGD one (the Multi-* tasks:
-    1e-2), else 1e-2. Each of these applies only where the argument is None, so
-    any of them can be overridden (e.g. ``recipe="published", lr=5e-3``).
+    ``warmup_epochs=1`` and SGD with momentum 0.9 (``optimizer="momentum"``)
+    at learning rate 1e-3, as the reference code trains. Each of these applies
+    only where the argument is None, so any of them can be overridden (e.g.
+    ``recipe="published", lr=5e-3``).
 
     The optimiser's name, ``lr`` and ``momentum``, the method's options (those it
     uses, defaults filled in), ``feature_examples``, the recipe's name (when
