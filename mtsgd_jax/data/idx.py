@@ -129,7 +129,15 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             f"{path}: {got - expected} unexpected trailing bytes after the data of shape {shape} "
             f"({expected} bytes of {dtype.newbyteorder('=').name})."
         )
-    arr = np.frombuffer(data, dtype=dtype, count=expected // dtype.itemsize, offset=header).reshape(shape)
+    arr = np.frombuffer(data, dtype=dtype, count=expected // dtype.itemsize, offset=header)
+    try:
+        arr = arr.reshape(shape)
+    except ValueError:
+        # An empty array (a zero dimension) whose other dimensions multiply past what numpy can index.
+        raise DataFormatError(
+            f"{path}: shape {shape} is empty but its other dimensions multiply past numpy's largest "
+            "array; expected the stored array's shape, e.g. (N, 28, 28) for MNIST images."
+        ) from None
     return arr.astype(dtype.newbyteorder("="))
 
 
