@@ -23,9 +23,13 @@ from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_enable_x64", False)
 
+# "ci" (the default) draws the same examples on every run and machine, so a red suite is
+# reproducible and a landing is never blocked by a draw; "dev" explores (random, 200 examples):
+# HYPOTHESIS_PROFILE=dev, and pin what it finds with @example.
 settings.register_profile(
     "ci",
     max_examples=30,
+    derandomize=True,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
