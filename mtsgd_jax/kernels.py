@@ -292,8 +292,14 @@ def pairwise_sq_dists(x: Array, y: Array | None = None) -> Array:
 
 
 def _symmetric_sq_dists(zc: Array) -> Array:
-    """(M, M) squared distances of centred points: exactly symmetric (the upper triangle mirrored; the
-    compiler may contract the per-coordinate sums differently in different lanes), exactly zero diagonal."""
+    """(M, M) squared distances of centred points, exactly zero diagonal, symmetric to an ulp.
+
+    The upper triangle is mirrored (the compiler may contract the per-coordinate sums differently
+    in different vector lanes), which gives exact symmetry where the distances are materialised
+    once; a code generator that recomputes them inside the fused mirror (XLA's CPU backend with
+    ``--xla_cpu_use_fusion_emitters=false``, which drops optimisation barriers too) can leave
+    an ulp between ``r2[a, b]`` and ``r2[b, a]``. Nothing downstream needs more: the median reads the
+    upper triangle only."""
     r2 = _centred_sq_dists(zc, zc)
     m = zc.shape[0]
     i = jnp.arange(m)

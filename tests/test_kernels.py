@@ -151,7 +151,9 @@ def test_pairwise_sq_dists_matches_direct(m, d):
     np.testing.assert_allclose(r2, _direct_sq_dists(x), rtol=1e-12, atol=1e-12)
     assert np.all(np.diag(r2) == 0.0)
     assert np.all(r2 >= 0.0)
-    np.testing.assert_array_equal(r2, r2.T)
+    # symmetric to an ulp: exact where the compiler materialises the distances before mirroring,
+    # not promised by every code generator (see kernels._symmetric_sq_dists)
+    np.testing.assert_array_max_ulp(r2, r2.T, maxulp=2)
 
 
 @pytest.mark.x64
