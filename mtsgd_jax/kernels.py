@@ -869,7 +869,7 @@ def kernel_products(
         reach 10^5 particles and more. ``None`` (default) chooses B by
         :func:`auto_block_size` (one block up to M = 1024 for small p; with
         ``axis_name`` from the global M). Every block size gives the same
-        bandwidth exactly and the same sums to float round-off.
+        bandwidth (exactly; see Cost below) and the same sums to float round-off.
       axis_name: call inside ``shard_map`` with the particles split over this
         mesh axis: ``z`` and ``vectors`` are then this device's rows (M / D of
         them), the other rows are all-gathered, the median counts and the
@@ -896,7 +896,10 @@ def kernel_products(
     histogramming the leading bits of their float patterns. Blocked, sharded
     and unblocked runs select exactly the same bandwidth (integer counts;
     identical distances for p <= 4, where each is an element-wise sum of
-    coordinate differences).
+    coordinate differences) as long as the compiler contracts the same
+    ``r2 + d*d`` into fused multiply-adds in each: true of XLA's default CPU
+    code generator in the tests; with its older one (no fusion emitters)
+    paths can differ by an ulp (a case is kept in ``tests/test_kernels.py``).
 
     Accuracy: the points are centred on an included particle before any
     distance is formed, so a cluster far from the origin loses
