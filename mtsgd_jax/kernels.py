@@ -252,20 +252,61 @@ def _prepare(z: Array, valid: Array | None = None) -> tuple[Array, Array]:
     return zc, ok
 
 
+# Fraction bits kept by each leading part of a split coordinate difference: 12 + 12 significant
+# bits for float32 (24), 18 + 18 + 17 for float64 (53), so every product of two parts is exact.
+_SPLIT_KEEP = {np.dtype(np.float32): (11,), np.dtype(np.float64): (17, 17)}
+
+
+def _truncate(x: Array, keep: int) -> Array:
+    """``x`` with all but the leading ``keep`` fraction bits cleared (integer masking, no rounding)."""
+    itype, frac = (jnp.int32, 23) if x.dtype == jnp.float32 else (jnp.int64, 52)
+    bits = jax.lax.bitcast_convert_type(x, itype)
+    return jax.lax.bitcast_convert_type(bits & ~((1 << (frac - keep)) - 1), x.dtype)
+
+
+def _square(d: Array) -> Array:
+    """``d * d`` with a rounding no compiler can change.
+
+    A compiler may contract ``r2 + d * d`` into a fused multiply-add in one fused loop
+    (or vector lane) and not in another, which would give the same pair different
+    distances in different programs (row blocks, devices, the dense path). So ``d`` is
+    split into parts ``d = p_1 + ... + p_n`` by truncating bits, every product
+    ``p_i p_j`` is exact, and the products are added in a fixed order: contracted or
+    not, each addition rounds the same exact value. float32 and float64 only (others:
+    ``d * d``); a difference too large for the parts' squares (``|d|`` above
+    ``sqrt(max) / 8``) is squared plainly.
+    """
+    keeps = _SPLIT_KEEP.get(np.dtype(d.dtype))
+    if keeps is None:
+        return d * d
+    small = jnp.abs(d) < float(np.sqrt(np.finfo(d.dtype).max)) / 8
+    rest = jnp.where(small, d, jnp.zeros((), d.dtype))
+    parts = []
+    for keep in keeps:
+        parts.append(_truncate(rest, keep))
+        rest = rest - parts[-1]  # exact: the cleared bits
+    parts.append(rest)
+    total = jnp.where(small, jnp.zeros((), d.dtype), d * d)
+    for i, u in enumerate(parts):
+        total = total + u * u
+        for v in parts[i + 1:]:
+            total = total + (2 * u) * v
+    return total
+
+
 def _centred_sq_dists(a: Array, b: Array) -> Array:
     """Squared distances between rows of centred points ``a`` (B, p) and ``b`` (N, p): (B, N).
 
     Direct coordinate differences for p <= ``_DIRECT_MAX_DIM`` (each entry to a
-    few ulps; exactly zero for equal rows); above, the Gram form at the highest
-    matmul precision, clipped at 0 (absolute error a few ulps of the centred
-    squared norms).
+    few ulps; exactly zero for equal rows; the same bits in every program, see
+    :func:`_square`); above, the Gram form at the highest matmul precision,
+    clipped at 0 (absolute error a few ulps of the centred squared norms).
     """
     p = a.shape[1]
     if p <= _DIRECT_MAX_DIM:
         r2 = jnp.zeros((a.shape[0], b.shape[0]), jnp.result_type(a, b))
         for j in range(p):
-            diff = a[:, j, None] - b[None, :, j]
-            r2 = r2 + diff * diff
+            r2 = r2 + _square(a[:, j, None] - b[None, :, j])
         return r2
     ab = jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
     return jnp.maximum(jnp.sum(a * a, axis=-1)[:, None] + jnp.sum(b * b, axis=-1)[None, :] - 2.0 * ab, 0.0)

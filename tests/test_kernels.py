@@ -545,15 +545,12 @@ def test_radix_median_equals_sorted_median_on_every_path(m, dtype, data):
     _check_all_paths_select(x, dtype, blocks=(None, 1))
 
 
-# Known defect, found by hypothesis (HYPOTHESIS_PROFILE=dev): the paths' distances of this pair
-# are fused into different programs, and XLA may contract r2 + d*d into a fused multiply-add in
-# one and not in another. With XLA's older CPU code generator (scripts/test.sh) the vector path and
-# kernel_products(block_size=1) then select 4.479673143102577 and kernel_matrices and
-# kernel_products(block_size=None) 4.479673143102578 (one ulp); with XLA's default code generator
-# all four agree. The fix is distances whose rounding no contraction can change (each square formed
-# exactly); until then this case documents the gap (not strict: it passes where paths agree).
+# Found by hypothesis (HYPOTHESIS_PROFILE=dev): when the distances were formed as r2 + d*d, the
+# compiler contracted that into a fused multiply-add in some programs and not in others, and with
+# XLA's older CPU code generator (scripts/test.sh) the paths selected bandwidths one ulp apart
+# (4.479673143102577 against ...578). Squares formed exactly (kernels._square) leave no rounding
+# for contraction to change.
 @pytest.mark.x64
-@pytest.mark.xfail(strict=False, reason="distance rounding depends on the compiler's multiply-add contraction")
 def test_median_identity_across_paths_does_not_depend_on_contraction():
     x = np.array([[0.04009169, 2.0], [1.0, 0.0]], np.float32).astype(np.float64)
     _check_all_paths_select(x, np.float64, blocks=(None, 1))
