@@ -936,11 +936,9 @@ def kernel_products(
     each recomputing the distances of the M^2 / 2 distinct pairs once and
     histogramming the leading bits of their float patterns. Blocked, sharded
     and unblocked runs select exactly the same bandwidth (integer counts;
-    identical distances for p <= 4, where each is an element-wise sum of
-    coordinate differences) as long as the compiler contracts the same
-    ``r2 + d*d`` into fused multiply-adds in each: true of XLA's default CPU
-    code generator in the tests; with its older one (no fusion emitters)
-    paths can differ by an ulp (a case is kept in ``tests/test_kernels.py``).
+    identical distances for p <= 4, where each is a fixed-order sum of exact
+    products of parts of the coordinate differences, so no fused multiply-add
+    the compiler may form changes a rounding).
 
     Accuracy: the points are centred on an included particle before any
     distance is formed, so a cluster far from the origin loses
