@@ -333,14 +333,14 @@ def pairwise_sq_dists(x: Array, y: Array | None = None) -> Array:
 
 
 def _symmetric_sq_dists(zc: Array) -> Array:
-    """(M, M) squared distances of centred points, exactly zero diagonal, symmetric to an ulp.
+    """(M, M) squared distances of centred points, exactly zero diagonal.
 
-    The upper triangle is mirrored (the compiler may contract the per-coordinate sums differently
-    in different vector lanes), which gives exact symmetry where the distances are materialised
-    once; a code generator that recomputes them inside the fused mirror (XLA's CPU backend with
-    ``--xla_cpu_use_fusion_emitters=false``, which drops optimisation barriers too) can leave
-    an ulp between ``r2[a, b]`` and ``r2[b, a]``. Nothing downstream needs more: the median reads the
-    upper triangle only."""
+    For p <= ``_DIRECT_MAX_DIM`` exactly symmetric on any compiler: ``r2[b, a]`` sums the same
+    exact products as ``r2[a, b]`` (:func:`_square` of a negated difference). Above, the Gram
+    form's upper triangle is mirrored, which is exact where the compiler materialises the distances
+    and may leave an ulp where it recomputes them inside the fused mirror (XLA's CPU backend with
+    ``--xla_cpu_use_fusion_emitters=false``, which also drops optimisation barriers). Nothing
+    downstream needs more: the median reads the upper triangle only."""
     r2 = _centred_sq_dists(zc, zc)
     m = zc.shape[0]
     i = jnp.arange(m)
