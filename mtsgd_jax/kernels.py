@@ -370,26 +370,29 @@ def _count_dtype(n_max: int):
     return jnp.int32
 
 
-def _radix_widths(dtype, n_values: int) -> tuple[int, ...]:
-    """Bits histogrammed per pass: 31 (float32) or 63 (float64) value bits in equal passes.
+def _radix_widths(dtype, n_values: int) -> tuple[int, int]:
+    """``(width, passes)``: bits histogrammed per pass, and passes to cover the 31 (float32) or
+    63 (float64) value bits.
 
-    A pass's fixed cost is its ``2^w`` bins, so ``w`` grows with the number of values
-    scanned (about ``log2(n) - 4``, between 6 and 16): 2 passes for float32 from about
-    10^6 values, 3 from 3 10^4; float64 takes twice as many.
+    A pass's fixed cost is its ``2^width`` bins, so the width grows with the number of values
+    scanned (about ``log2(n) - 4``, between 6 and 16): 2 passes for float32 from about 10^6
+    values, 3 from 3 10^4; float64 takes twice as many. All passes have the same width (the top
+    one also reads bits above the value bits, which are zero), so they run as one compiled loop.
     """
     total = 63 if dtype == jnp.float64 else 31
     w = int(min(16, max(6, math.floor(math.log2(max(n_values, 2))) - 4)))
     passes = -(-total // w)
-    base, extra = divmod(total, passes)
-    return tuple(base + (1 if i < extra else 0) for i in range(passes))
+    return -(-total // passes), passes
 
 
-def _histogram(bits: Array, include: Array, shift: int, width: int, prefix: Array, ctype):
+def _histogram(bits: Array, include: Array, shift, width: int, prefix: Array, ctype):
     """One pass over some values: counts (2^width,) of the included ``bits`` whose bits above
-    ``shift + width`` equal ``prefix``, by their next ``width`` bits."""
-    hi = jax.lax.shift_right_logical(bits, jnp.asarray(shift + width, bits.dtype))
+    ``shift + width`` equal ``prefix``, by their next ``width`` bits (``shift`` may be traced)."""
+    low = jax.lax.shift_right_logical(bits, jnp.asarray(shift, bits.dtype))
+    # two shifts, each below the bit width, even where shift + width exceeds it (the top pass)
+    hi = jax.lax.shift_right_logical(low, jnp.asarray(width, bits.dtype))
     nbins = 1 << width
-    bucket = jax.lax.shift_right_logical(bits, jnp.asarray(shift, bits.dtype)) & (nbins - 1)
+    bucket = low & (nbins - 1)
     match = hi == prefix
     bucket = jnp.where(match if include is True else include & match, bucket, nbins)
     # one spare bin for the values not counted (an in-bounds scatter: no per-update bounds test);
@@ -405,35 +408,42 @@ def _min_above(bits: Array, include: Array, shift: int, prefix: Array) -> Array:
     return jnp.min(jnp.where(include & (hi > prefix), bits, jnp.iinfo(bits.dtype).max))
 
 
-def _radix_select(histogram: Callable, min_above: Callable, k: Array, widths: tuple[int, ...], itype, ctype):
+def _radix_select(
+    histogram: Callable, min_above: Callable, k: Array, width: int, passes: int, itype, ctype, unroll: bool = False
+):
     """The k-th smallest (0-based) of a multiset of non-negative float bit patterns.
 
     ``histogram(shift, width, prefix)`` returns :func:`_histogram`'s counts over the whole
     multiset and ``min_above(shift, prefix)`` :func:`_min_above`'s value (both combined over
-    blocks and devices by the caller). Returns ``(lower, n_leq, upper)``: the k-th smallest
-    pattern, how many values are <= it, and the smallest pattern above it (the int maximum when
-    there is none). ``upper`` comes from the last histogram unless the k-th value is the largest
-    of its last-pass range; only then (``lax.cond``) does one more pass run.
+    blocks and devices by the caller). ``passes`` passes of ``width`` bits, from the top, run as
+    one ``fori_loop``: one copy of the pass in the program, and whatever a pass computes
+    independently of the pass (one block's distances) is computed once; ``unroll`` unrolls it
+    (faster where each pass loops over several blocks). Returns
+    ``(lower, n_leq, upper)``: the k-th smallest pattern, how many values are <= it, and the
+    smallest pattern above it (the int maximum when there is none). ``upper`` comes from the
+    last histogram unless the k-th value is the largest of its last-pass range; only then
+    (``lax.cond``) does one more pass run.
     """
-    shift = sum(widths)
-    prefix = jnp.zeros((), itype)
-    rem = jnp.asarray(k, ctype)
-    below = jnp.zeros((), ctype)
-    for width in widths:
-        shift -= width
+    nbins = 1 << width
+
+    def one_pass(p, carry):
+        prefix, rem, below, _, _, _ = carry
+        shift = (passes - 1 - p).astype(itype) * width
         counts = histogram(shift, width, prefix)
         cum = jnp.cumsum(counts)
         b = jnp.sum(cum <= rem).astype(itype)  # the bucket holding rank rem
         before = jnp.where(b > 0, cum[jnp.maximum(b - 1, 0)], 0).astype(ctype)
-        rem, below = rem - before, below + before
-        last_prefix, prefix = prefix, (prefix << width) | b
-    nbins = 1 << widths[-1]
+        return prefix << width | b, rem - before, below + before, prefix, counts, b
+
+    zero_i, zero_c = jnp.zeros((), itype), jnp.zeros((), ctype)
+    init = (zero_i, jnp.asarray(k, ctype), zero_c, zero_i, jnp.zeros((nbins,), ctype), zero_i)
+    prefix, _, below, last_prefix, counts, b = jax.lax.fori_loop(0, passes, one_pass, init, unroll=unroll)
     idx = jnp.arange(nbins, dtype=itype)
     nxt = jnp.min(jnp.where((idx > b) & (counts > 0), idx, nbins))
     upper = jax.lax.cond(
         nxt < nbins,
-        lambda: (last_prefix << widths[-1]) | nxt,
-        lambda: min_above(widths[-1], last_prefix).astype(itype),
+        lambda: (last_prefix << width) | nxt,
+        lambda: min_above(width, last_prefix).astype(itype),
     )
     return prefix, below + counts[b], upper
 
@@ -457,13 +467,15 @@ def _finish_median(lower, n_leq, upper, total, n, nv, dtype):
     return jnp.where(nv >= 2, scale / log_n, jnp.ones((), dtype))
 
 
-def _select_median(histogram: Callable, min_above: Callable, nv, n_values: int, n_max: int, dtype, total) -> Array:
+def _select_median(
+    histogram: Callable, min_above: Callable, nv, n_values: int, n_max: int, dtype, total, unroll: bool = False
+) -> Array:
     """The median bandwidth from a pair histogram over ``nv`` particles' distinct pairs
     (``n_values`` scanned per pass, at most ``n_max`` pairs) and their distance sum ``total``."""
     itype = jnp.int64 if dtype == jnp.float64 else jnp.int32
     ctype = _count_dtype(n_max)
     nv, n, k = _median_counts(nv, ctype)
-    lower, n_leq, upper = _radix_select(histogram, min_above, k, _radix_widths(dtype, n_values), itype, ctype)
+    lower, n_leq, upper = _radix_select(histogram, min_above, k, *_radix_widths(dtype, n_values), itype, ctype, unroll)
     as_float = lambda b: jax.lax.bitcast_convert_type(b, dtype)  # noqa: E731
     return _finish_median(as_float(lower), n_leq, as_float(upper), total, n, nv, dtype)
 
@@ -673,15 +685,19 @@ def _pair_histogram(blocks: _Blocks, itype, ctype, axis_name):
                 counts = counts + _histogram(off, True, shift, width, prefix, ctype)
             return counts
 
-        counts = one(blocks.mine[0]) if blocks.mine.shape[0] == 1 else jnp.sum(jax.lax.map(one, blocks.mine), axis=0)
+        # the first block starts the sum (a zero start would lack the device-varying type under shard_map)
+        counts = jax.lax.fori_loop(1, blocks.mine.shape[0], lambda j, acc: acc + one(blocks.mine[j]), one(blocks.mine[0]))
         return counts if axis_name is None else jax.lax.psum(counts, axis_name)
 
     def min_above(shift, prefix):
+        def number(bits):  # leaves out the NaN patterns (of either sign) of excluded points
+            return (bits >= 0) & (bits < _INF_BITS[itype])
+
         def one(i):
             diag, off = block_bits(i)
-            above = _min_above(diag, upper, shift, prefix)
-            if off is not None:  # leave out the NaN patterns (of either sign)
-                above = jnp.minimum(above, _min_above(off, (off >= 0) & (off < _INF_BITS[itype]), shift, prefix))
+            above = _min_above(diag, upper & number(diag), shift, prefix)
+            if off is not None:
+                above = jnp.minimum(above, _min_above(off, number(off), shift, prefix))
             return above
 
         above = jnp.min(jax.lax.map(one, blocks.mine))
@@ -707,6 +723,12 @@ def _pair_distance_sum(blocks: _Blocks, ctype, axis_name=None) -> tuple[Array, A
     return n, nf * psum(jnp.sum(dev * dev))
 
 
+# Up to this many points (on one device) the median reads all pairs as one block whatever the
+# kernel sums' block size: (M, M) distances, 8 MiB in float32 at the limit, computed once for all
+# passes instead of once per pass.
+_ONE_BLOCK_MEDIAN_MAX_M = 1024
+
+
 def _blocks_median(blocks: _Blocks, axis_name=None) -> Array:
     """Median bandwidth of the included points of ``blocks`` (the module docstring's convention)."""
     z = jax.lax.stop_gradient(blocks.z)
@@ -717,12 +739,15 @@ def _blocks_median(blocks: _Blocks, axis_name=None) -> Array:
     m_total = blocks.count * blocks.size
     if m_total < 2:
         return jnp.ones((), dtype)
+    if axis_name is None and blocks.count > 1 and m_total <= _ONE_BLOCK_MEDIAN_MAX_M:
+        # one block: its distances do not depend on the pass, so they are computed once
+        blocks = blocks._replace(mine=blocks.mine[:1] * 0, size=m_total, count=1)
     itype = jnp.int64 if dtype == jnp.float64 else jnp.int32
     n_max = m_total * (m_total - 1) // 2
     ctype = _count_dtype(n_max)
     nv, total = _pair_distance_sum(blocks, ctype, axis_name)
     hist, above, n_scanned = _pair_histogram(blocks, itype, ctype, axis_name)
-    return _select_median(hist, above, nv, n_scanned, n_max, dtype, total)
+    return _select_median(hist, above, nv, n_scanned, n_max, dtype, total, unroll=blocks.mine.shape[0] > 1)
 
 
 # ----------------------------------------------------------------------------- kernel matrices
