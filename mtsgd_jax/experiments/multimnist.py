@@ -117,6 +117,8 @@ DEFAULT_CONFIG = {
 # 2-core CPU (load average 6-7): at batch 64 and M = 5 a step takes 0.16 s (linear scalarisation) to
 # 0.48 s (single task), 0.25 s for MT-SGD with the parameter kernel and 0.74 s with the published
 # recipe, whose step grows to 3.8 s at M = 15; "full" is predicted at 1.6 hours; "quick" took 6 minutes.
+# Measured at load average 2: "full" with the parameter-kernel sweep (sweep_variant "mtsgd") took
+# 26 minutes, and 47 minutes with 12 epochs.
 PRESETS = {
     "tiny": {
         "variants": ["mtsgd_published", "linear_scalarization"],
