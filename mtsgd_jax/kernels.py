@@ -8,7 +8,7 @@ A kernel here is described by two things:
   heuristic.
 
 With ``kappa(r^2) = f(r^2 / h)`` every quantity the Stein algebra needs follows in
-closed form (ALGORITHM.md section 1)::
+closed form (docs/algorithm.md section 1)::
 
     grad_a k(a, b)          =  2 kappa'(r^2) (a - b)
     grad_b k(a, b)          = -2 kappa'(r^2) (a - b)

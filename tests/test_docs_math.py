@@ -135,6 +135,12 @@ def test_index_links_exist():
         assert (INDEX.parent / t).exists(), t
 
 
+def test_no_file_cites_the_private_reference():
+    # users have docs/algorithm.md; the upper-case ALGORITHM.md is not in the repository
+    cited = [str(p.relative_to(ROOT)) for p in _citing_files() if "ALGORITHM.md" in p.read_text(encoding="utf-8")]
+    assert not cited, f"cite docs/algorithm.md instead of ALGORITHM.md in: {cited}"
+
+
 def test_page_is_self_contained():
     text = _doc()
     for word in ("ALGORITHM.md", "shared/", "the seed", "seeds/", "supplementary"):

@@ -1,6 +1,6 @@
 """Stein directions and the Gram matrix U against a brute-force double-sum reference.
 
-The reference below is written from ALGORITHM.md sections 2-3 directly: every pair
+The reference below is written from docs/algorithm.md sections 2-3 directly: every pair
 (a, b) of particles contributes its four terms, with the kernel gradients and the mixed
 second derivative obtained by autodiff of a plain ``k(a, b)``. It uses none of the
 library's closed forms (no kappa', kappa'', no Gram-form distances, no median code).
@@ -240,7 +240,7 @@ def test_default_kernel_is_rbf_median():
 @pytest.mark.x64
 @pytest.mark.parametrize("m,d,k", SHAPES)
 def test_reference_linear_kernel_identity(m, d, k):
-    # ALGORITHM.md section 3: for k(a, b) = a^T b, phi_k(x) = V_k x with
+    # docs/algorithm.md section 3: for k(a, b) = a^T b, phi_k(x) = V_k x with
     # V_k = (1/M) sum_a s_k(a) a^T + I, and U_kl = tr(V_k V_l^T). Validates the reference.
     x, s = _problem(m + 10 * d + 100 * k, m, d, k)
     v = np.einsum("kad,ae->kde", s, x) / m + np.eye(d)[None]  # (K, d, d)

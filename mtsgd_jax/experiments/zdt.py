@@ -1,4 +1,4 @@
-"""ZDT3 (ALGORITHM.md section 7): MT-SGD against MOO-SVGD, MGDA and linear scalarisation.
+"""ZDT3 (docs/algorithm.md section 7): MT-SGD against MOO-SVGD, MGDA and linear scalarisation.
 
 Setting (the seed's, and the published MOO-SVGD ZDT script's): ZDT3 with
 n = 30 variables, M = 50 particles drawn uniformly in ``[0, 1]^30``, Adam with

@@ -10,7 +10,7 @@ projection of the unconstrained step onto the box,
 
 which is projected (stochastic) gradient descent for the particles. The
 MOO-SVGD reference code does the same by clamping after every step
-(ALGORITHM.md section 6). :func:`clip_to_box` is the plain projection.
+(docs/algorithm.md section 6). :func:`clip_to_box` is the plain projection.
 
 Bounds are given as
 
