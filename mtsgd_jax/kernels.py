@@ -418,11 +418,12 @@ def _radix_select(
     blocks and devices by the caller). ``passes`` passes of ``width`` bits, from the top, run as
     one ``fori_loop``: one copy of the pass in the program, and whatever a pass computes
     independently of the pass (one block's distances) is computed once; ``unroll`` unrolls it
-    (faster where each pass loops over several blocks). Returns
-    ``(lower, n_leq, upper)``: the k-th smallest pattern, how many values are <= it, and the
-    smallest pattern above it (the int maximum when there is none). ``upper`` comes from the
-    last histogram unless the k-th value is the largest of its last-pass range; only then
-    (``lax.cond``) does one more pass run.
+    (faster where each pass loops over several blocks).
+
+    Returns ``(lower, n_leq, upper)``: the k-th smallest pattern, how many values are <= it,
+    and the smallest pattern above it (the int maximum when there is none). ``upper`` comes
+    from the last histogram unless the k-th value is the largest of its last-pass range; only
+    then (``lax.cond``) does one more pass run.
     """
     nbins = 1 << width
 
