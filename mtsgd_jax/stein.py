@@ -401,7 +401,13 @@ def stein_system(
         rep = pullback(prods.repulsion.astype(points.dtype)).astype(x.dtype)
         rep = jnp.where(valid[:, None], rep, jnp.zeros((), rep.dtype))
         trace_term = jnp.zeros((), x.dtype)
-    cross = _psum(jnp.einsum("kmd,md->k", s, rep.astype(s.dtype)), axis) / nn
+    if inner_products:
+        # <S'_k, R> as the diagonal blocks of S' R^T (K M, M): a GEMM over S' as it lies in memory
+        # (an einsum over (m, d) lets the compiler transpose the (K, M, d) scores instead of R)
+        sr = jnp.matmul(s.reshape(k * m, d), rep.astype(s.dtype).T).reshape(k, m, m)
+        cross = jnp.trace(sr, axis1=1, axis2=2) / nn
+    else:
+        cross = _psum(jnp.einsum("kmd,md->k", s, rep.astype(s.dtype)), axis) / nn
     return SteinSystem(first, cross, trace_term, score_sq, s, ks, kmat, rep, alpha, n, valid, prods.bandwidth, axis)
 
 

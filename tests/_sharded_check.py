@@ -69,6 +69,22 @@ f = shard_map(
 out = jax.jit(f)(z, v)
 for x, y in zip(full, out):
     np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-10, atol=1e-12)
+# Most particles coincide: the median pair distance is 0 and the mean fallback (a psum that runs
+# only in that case, inside a lax.cond) decides; every device must take the same branch.
+zc = jnp.concatenate([jnp.zeros((32, 3)), z[:8]])
+h_full = kernel_products(rbf(), zc, zc[:, :1]).bandwidth
+h_shard = jax.jit(
+    shard_map(
+        lambda q: kernel_products(rbf(), q, q[:, :1], axis_name="particles", block_size=3).bandwidth,
+        mesh=mesh,
+        in_specs=(P("particles"),),
+        out_specs=P(),
+    )
+)(zc)
+pairs = np.asarray(jnp.sum((zc[:, None] - zc[None]) ** 2, -1))[np.triu_indices(40, 1)]
+assert np.median(pairs) == 0
+np.testing.assert_allclose(float(h_shard), float(h_full), rtol=1e-12)
+np.testing.assert_allclose(float(h_full), np.mean(pairs) / np.log(41.0), rtol=1e-12)
 print("kernel_products ok")
 
 # Non-finite particles: counted over all devices (a NaN region on one coordinate, no communication needed).
