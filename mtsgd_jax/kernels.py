@@ -235,11 +235,13 @@ def _centre(z: Array, ok: Array) -> Array:
     equal points keep exactly equal centred coordinates. Within a cluster
     ``x_a - c`` is exact (Sterbenz) and at most the cluster's diameter.
     """
-    # Selected by a masked sum (exact: one row plus zeros) rather than by indexing: the sum is
-    # computed once, where an indexed row would be re-read inside every fused pair loop that
-    # uses the centred points, several times slower (one block of 300 points: 1.2 ms against
-    # 0.3 ms for the kernel sums).
-    pick = (jnp.arange(z.shape[0]) == jnp.argmax(ok)) & ok
+    first = jnp.argmax(ok)
+    if z.shape[1] > _DIRECT_MAX_DIM:  # long rows (networks): index the row (a sum over M would read all of z)
+        return jnp.where(jnp.any(ok), z[first], jnp.zeros((), z.dtype))
+    # Short rows: selected by a masked sum (exact: one row plus zeros) rather than by indexing. The
+    # sum is computed once, where an indexed row is re-read inside every fused pair loop that uses
+    # the centred points, several times slower (one block of 300 points: 1.2 against 0.3 ms).
+    pick = (jnp.arange(z.shape[0]) == first) & ok
     return jnp.sum(jnp.where(pick[:, None], z, jnp.zeros((), z.dtype)), axis=0)
 
 

@@ -210,9 +210,14 @@ def power_of_two_scale(vectors: Array, valid: Array, axis_name: str | None = Non
     ``vectors`` (K, M, d), ``valid`` (M,).
     """
     amax = jnp.max(jnp.where(valid[None, :, None], jnp.abs(vectors), 0), initial=0)
+    return _power_of_two_above(amax, axis_name, vectors.dtype)
+
+
+def _power_of_two_above(amax: Array, axis_name: str | None, dtype) -> Array:
+    """The power of two ``alpha`` with ``amax / alpha`` in [1, 2) (``amax`` maximised over devices; 1 if it is 0)."""
     amax = _pmax(amax, axis_name)
     _, e = jnp.frexp(amax)
-    return jnp.where(amax > 0, jnp.ldexp(jnp.ones((), vectors.dtype), e - 1), jnp.ones((), vectors.dtype))
+    return jnp.where(amax > 0, jnp.ldexp(jnp.ones((), dtype), e - 1), jnp.ones((), dtype))
 
 
 def assemble_scaled_gram(first: Array, cross: Array, trace_term: Array, alpha: Array) -> tuple[Array, Array]:
@@ -370,8 +375,11 @@ def stein_system(
     elif inner_products and (context.block_size is not None or axis is not None):
         raise ValueError("stein_system: inner_products=True needs block_size=None and axis_name=None.")
     points, pullback = (x, None) if features is None else features
-    valid = _finite_rows(x, scores) if features is None else _finite_rows(x, scores, points)
-    alpha = power_of_two_scale(scores, valid, axis)
+    # one pass over the scores for both their finiteness and their scale: a row's largest |entry|
+    # is non-finite exactly when the row holds a NaN or an infinity (max propagates NaN)
+    row_amax = jnp.max(jnp.abs(scores), axis=2)  # (K, M)
+    valid = jnp.all(jnp.isfinite(row_amax), axis=0) & (_finite_rows(x) if features is None else _finite_rows(x, points))
+    alpha = _power_of_two_above(jnp.max(jnp.where(valid[None, :], row_amax, 0), initial=0), axis, scores.dtype)
     s = jnp.where(valid[None, :, None], scores, jnp.zeros((), scores.dtype)) / alpha
     n = _psum(jnp.sum(valid), axis).astype(x.dtype)
     nn = jnp.maximum(n, 1) ** 2
