@@ -30,6 +30,7 @@ from mtsgd_jax.particles import (
     init_flax_particles,
     init_particles,
     num_particles,
+    target_grad_pieces,
     unflatten_particles,
 )
 from mtsgd_jax.problems import ToyProblem, ZDTProblem, toy_problem, zdt
@@ -148,6 +149,7 @@ __all__ = [
     "stein_directions",
     "stein_quantities",
     "svgd",
+    "target_grad_pieces",
     "toy_problem",
     "unflatten_particles",
     "value_and_grads",

@@ -130,11 +130,20 @@ def flatten_target_grads(grads: PyTree, dtype=None) -> Array:
 
     Raises TypeError if ``dtype`` is real and a leaf is complex.
     """
+    return jnp.concatenate(target_grad_pieces(grads, dtype), axis=2)
+
+
+def target_grad_pieces(grads: PyTree, dtype=None) -> tuple[Array, ...]:
+    """Per-target gradients with leaves (K, M, ...) as one (K, M, d_l) array per leaf, without copying
+    them into one array: :func:`flatten_target_grads` concatenates these along the last axis.
+
+    Raises TypeError if ``dtype`` is real and a leaf is complex.
+    """
     leaves = jax.tree_util.tree_leaves(grads)
     dtype = dtype or jnp.result_type(*leaves)
     _check_cast(leaf_paths(grads), dtype, "grads")
     k, m = np.shape(leaves[0])[:2]
-    return jnp.concatenate([jnp.reshape(leaf, (k, m, -1)).astype(dtype) for leaf in leaves], axis=2)
+    return tuple(jnp.reshape(leaf, (k, m, -1)).astype(dtype) for leaf in leaves)
 
 
 def _as_leaf(part: Array, dtype) -> Array:

@@ -46,11 +46,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import numbers
 from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtsgd_jax import kernels as _kernels
 from mtsgd_jax._validation import check_target_grads
@@ -249,6 +251,10 @@ def _nan_rows(x: Array, valid: Array) -> Array:
     return jnp.where(valid[:, None], x, jnp.asarray(jnp.nan, x.dtype))
 
 
+def _as_pieces(scores) -> tuple[Array, ...]:
+    return tuple(scores) if isinstance(scores, (tuple, list)) else (scores,)
+
+
 class SteinSystem(NamedTuple):
     """U's pieces and the combined direction of a particle set against K targets (flat layout).
 
@@ -263,7 +269,9 @@ class SteinSystem(NamedTuple):
         where it would need every network's Jacobian; a constant shift of U
         leaves the simplex QP's solution unchanged).
       score_sq: ``||S'_k||_F^2``, (K,): the diagonal of the scores' Gram.
-      scaled_scores: ``S'``, (K, M, d) (this device's rows when sharded).
+      scaled_scores: ``S'``, (K, M, d) (this device's rows when sharded), or
+        the tuple of its (K, M, d_l) pieces when the scores came in pieces
+        and the inner-product path was taken.
       kernel_scores: ``Kmat S'_k`` for every target, (K, M, d), or ``None``
         on the inner-product path.
       kernel_matrix: ``Kmat`` (M, M) on the inner-product path, else ``None``.
@@ -279,7 +287,7 @@ class SteinSystem(NamedTuple):
     cross: Array
     trace_term: Array
     score_sq: Array
-    scaled_scores: Array
+    scaled_scores: Array | tuple[Array, ...]
     kernel_scores: Array | None
     kernel_matrix: Array | None
     repulsion: Array
@@ -304,7 +312,9 @@ class SteinSystem(NamedTuple):
         if self.kernel_scores is not None:
             smoothed = jnp.einsum("k,kmd->md", w, self.kernel_scores)
         else:
-            smoothed = jnp.matmul(self.kernel_matrix.astype(dtype), jnp.einsum("k,kmd->md", w, self.scaled_scores))
+            kmat = self.kernel_matrix.astype(dtype)
+            parts = [jnp.matmul(kmat, jnp.einsum("k,kmd->md", w, p)) for p in _as_pieces(self.scaled_scores)]
+            smoothed = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
         phi = (smoothed * self.scale.astype(dtype) + jnp.sum(w) * self.repulsion) / jnp.maximum(self.num_particles, 1)
         return _nan_rows(phi, self.valid)
 
@@ -312,7 +322,8 @@ class SteinSystem(NamedTuple):
         """Every target's direction Phi (K, M, d) (NaN rows for excluded particles)."""
         ks = self.kernel_scores
         if ks is None:
-            ks = jnp.einsum("ab,kbd->kad", self.kernel_matrix.astype(self.scaled_scores.dtype), self.scaled_scores)
+            scores = jnp.concatenate(_as_pieces(self.scaled_scores), axis=2)
+            ks = jnp.einsum("ab,kbd->kad", self.kernel_matrix.astype(scores.dtype), scores)
         phi = (ks * self.scale + self.repulsion[None]) / jnp.maximum(self.num_particles, 1)
         return _nan_rows(phi, self.valid)
 
@@ -352,6 +363,12 @@ def stein_system(
         (needs ``block_size`` and ``axis_name`` None). ``None`` (default)
         decides by :func:`use_inner_products`.
 
+    ``scores`` may also be a tuple of pieces (K, M, d_l) whose concatenation
+    along the last axis is the (K, M, d) array (a network's layers, from
+    :func:`~mtsgd_jax.particles.target_grad_pieces`): the inner-product path
+    then works piece by piece and never copies the scores into one array (the
+    other paths concatenate them).
+
     Returns:
       :class:`SteinSystem`. A particle whose position, score (any target) or
       feature row is not finite drops out of every kernel sum: the others'
@@ -368,31 +385,42 @@ def stein_system(
       >>> system.gram().shape, system.direction(jnp.array([0.5, 0.5])).shape
       ((2, 2), (10, 2))
     """
-    k, m, d = scores.shape
+    pieces = tuple(scores) if isinstance(scores, (tuple, list)) else (scores,)
+    if not pieces or any(p.ndim != 3 or p.shape[:2] != pieces[0].shape[:2] for p in pieces):
+        raise ValueError(
+            "stein_system: scores must be (K, M, d) or a tuple of (K, M, d_l) pieces, got shapes "
+            f"{[jnp.shape(p) for p in pieces]}."
+        )
+    k, m = pieces[0].shape[:2]
+    d = sum(p.shape[2] for p in pieces)
     axis = context.axis_name
     if inner_products is None:
         inner_products = use_inner_products(k, m, d, context)
     elif inner_products and (context.block_size is not None or axis is not None):
         raise ValueError("stein_system: inner_products=True needs block_size=None and axis_name=None.")
+    if not inner_products and len(pieces) > 1:
+        pieces = (jnp.concatenate(pieces, axis=2),)
     points, pullback = (x, None) if features is None else features
     # one pass over the scores for both their finiteness and their scale: a row's largest |entry|
     # is non-finite exactly when the row holds a NaN or an infinity (max propagates NaN)
-    row_amax = jnp.max(jnp.abs(scores), axis=2)  # (K, M)
+    row_amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(p), axis=2, initial=0) for p in pieces])  # (K, M)
     valid = jnp.all(jnp.isfinite(row_amax), axis=0) & (_finite_rows(x) if features is None else _finite_rows(x, points))
-    alpha = _power_of_two_above(jnp.max(jnp.where(valid[None, :], row_amax, 0), initial=0), axis, scores.dtype)
-    s = jnp.where(valid[None, :, None], scores, jnp.zeros((), scores.dtype)) / alpha
+    dtype = pieces[0].dtype
+    alpha = _power_of_two_above(jnp.max(jnp.where(valid[None, :], row_amax, 0), initial=0), axis, dtype)
+    sp = tuple(jnp.where(valid[None, :, None], p, jnp.zeros((), dtype)) / alpha for p in pieces)
     n = _psum(jnp.sum(valid), axis).astype(x.dtype)
     nn = jnp.maximum(n, 1) ** 2
     if inner_products:
         # Kmat itself, as Kmat @ I (exact), from the same kernel evaluation as the repulsion.
         prods = _kernels.kernel_products(context.kernel, points, jnp.eye(m, dtype=points.dtype), valid=valid)
         kmat = prods.kv
-        flat = s.reshape(k * m, d)
-        ss = jnp.matmul(flat, flat.T).reshape(k, m, k, m)
+        ss = functools.reduce(jnp.add, [jnp.matmul(f, f.T) for f in (p.reshape(k * m, -1) for p in sp)])
+        ss = ss.reshape(k, m, k, m)
         first = jnp.einsum("ab,kalb->kl", kmat.astype(ss.dtype), ss) / nn
         score_sq = jnp.einsum("kmkm->k", ss)
         ks = None
     else:
+        (s,) = sp
         # One GEMM for all targets: (M, M) @ (M, K d).
         stacked = jnp.transpose(s, (1, 0, 2)).reshape(m, k * d)
         prods = _kernels.kernel_products(
@@ -410,12 +438,17 @@ def stein_system(
         rep = jnp.where(valid[:, None], rep, jnp.zeros((), rep.dtype))
         trace_term = jnp.zeros((), x.dtype)
     if inner_products:
-        # <S'_k, R> as the diagonal blocks of S' R^T (K M, M): a GEMM over S' as it lies in memory
-        # (an einsum over (m, d) lets the compiler transpose the (K, M, d) scores instead of R)
-        sr = jnp.matmul(s.reshape(k * m, d), rep.astype(s.dtype).T).reshape(k, m, m)
-        cross = jnp.trace(sr, axis1=1, axis2=2) / nn
+        # <S'_k, R> as the diagonal blocks of S' R^T (K M, M): GEMMs over the scores as they lie in
+        # memory (an einsum over (m, d) lets the compiler transpose the (K, M, d) scores instead of R)
+        r = rep.astype(dtype)
+        offsets = np.cumsum([0] + [p.shape[2] for p in sp])
+        sr = functools.reduce(
+            jnp.add, [jnp.matmul(p.reshape(k * m, -1), r[:, lo:hi].T) for p, lo, hi in zip(sp, offsets[:-1], offsets[1:])]
+        )
+        cross = jnp.trace(sr.reshape(k, m, m), axis1=1, axis2=2) / nn
     else:
         cross = _psum(jnp.einsum("kmd,md->k", s, rep.astype(s.dtype)), axis) / nn
+    s = sp if len(sp) > 1 else sp[0]
     return SteinSystem(first, cross, trace_term, score_sq, s, ks, kmat, rep, alpha, n, valid, prods.bandwidth, axis)
 
 

@@ -359,6 +359,45 @@ def test_one_target_mtsgd_equals_svgd(dtype, d):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_scores_in_pieces_give_the_system_of_the_whole_scores(dtype):
+    """Scores passed as (K, M, d_l) pieces (a network's layers) give U, the directions and the
+    combined direction of the concatenated scores, on both paths, with an excluded particle."""
+    m, k, widths = 5, 3, (7, 1, 56, 16)
+    d = sum(widths)
+    x = jax.random.normal(jax.random.key(60), (m, d), dtype)
+    s = jax.random.normal(jax.random.key(61), (k, m, d), dtype) * 3.0
+    s = s.at[1, 2, 45].set(jnp.nan)  # particle 2 drops out (a NaN in the third piece)
+    pieces = tuple(jnp.split(s, np.cumsum(widths)[:-1], axis=2))
+    w = jnp.asarray([0.2, 0.5, 0.3], dtype)
+    ctx = _stein.kernel_context(mj.rbf())
+    assert _stein.use_inner_products(k, m, d, ctx)
+
+    @jax.jit
+    def run(x, s, pieces, w):
+        out = []
+        for inner in (True, False):
+            whole = _stein.stein_system(x, s, ctx, inner_products=inner)
+            split = _stein.stein_system(x, pieces, ctx, inner_products=inner)
+            assert isinstance(split.scaled_scores, tuple) == inner
+            out.append([(a.gram(), a.direction(w), a.directions(), a.valid) for a in (whole, split)])
+        return out
+
+    scale = None
+    for whole, split in run(x, s, pieces, w):
+        for a, b in zip(whole, split):
+            a, b = np.asarray(a), np.asarray(b)
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+            fin = np.isfinite(a)
+            scale = np.abs(a[fin]).max() if a.dtype != bool else 1.0
+            # the pieces' partial sums are added in a different order: a few ulps of the largest term
+            np.testing.assert_allclose(b[fin], a[fin], rtol=0, atol=4 * d * _eps(dtype) * scale)
+        assert not whole[3][2] and whole[3].sum() == m - 1
+    with pytest.raises(ValueError, match=r"tuple of \(K, M, d_l\) pieces"):
+        _stein.stein_system(x, (s, s[:, :3]), ctx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_combined_direction_is_the_weighted_sum_of_the_directions(dtype):
     """SteinSystem.direction(w) = sum_k w_k Phi_k on both paths, and U = <Phi_k, Phi_l>'s pieces agree across paths."""
     m, d, k = 4, 64, 2

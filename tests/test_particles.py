@@ -207,6 +207,21 @@ def test_flatten_target_grads_consistent_with_flatten_particles():
     assert mj.flatten_target_grads(grads, dtype=jnp.float32).dtype == jnp.float32
 
 
+@pytest.mark.x64
+def test_target_grad_pieces_are_the_leaves_of_the_flat_grads():
+    tree = _mixed_tree(m=5)
+    grads = jax.tree_util.tree_map(lambda leaf: jnp.stack([leaf, 2.0 * leaf - 1.0]).astype(leaf.dtype), tree)
+    pieces = mj.target_grad_pieces(grads, dtype=jnp.float32)
+    leaves = jax.tree_util.tree_leaves(grads)
+    assert isinstance(pieces, tuple) and len(pieces) == len(leaves)
+    for piece, leaf in zip(pieces, leaves):
+        assert piece.dtype == jnp.float32 and piece.shape == (2, 5, int(np.prod(leaf.shape[2:])))
+        np.testing.assert_array_equal(np.asarray(piece), np.asarray(leaf, np.float32).reshape(piece.shape))
+    np.testing.assert_array_equal(
+        np.concatenate([np.asarray(p) for p in pieces], axis=2), np.asarray(mj.flatten_target_grads(grads, jnp.float32))
+    )
+
+
 # ---------------------------------------------------------------------------
 # num_particles
 # ---------------------------------------------------------------------------

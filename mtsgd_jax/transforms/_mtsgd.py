@@ -24,7 +24,7 @@ from mtsgd_jax import kernels as _kernels
 from mtsgd_jax import stein as _stein
 from mtsgd_jax.transforms._common import _check_num_targets, _feature_map, _float_dtype, _make_solver
 from mtsgd_jax._validation import check_init_inputs, check_like_params, check_target_grads, check_update_inputs, num_particles, tree_shapes_match
-from mtsgd_jax.particles import flatten_particles, flatten_target_grads, unflatten_particles
+from mtsgd_jax.particles import flatten_particles, target_grad_pieces, unflatten_particles
 
 PyTree = Any
 Array = jax.Array
@@ -177,9 +177,10 @@ def _combine(system: _stein.SteinSystem, rule, solve, warm_start) -> tuple[Array
 def _system(grads, params, context, features, extra_args, where):
     """The step's :class:`~mtsgd_jax.stein.SteinSystem` from loss gradients (leaves (K, M, ...)) and the particles."""
     x, spec = flatten_particles(params, dtype=_float_dtype(params))
-    g = flatten_target_grads(grads, dtype=x.dtype)  # loss gradients = -scores
+    # loss gradients = -scores, one piece per leaf (the inner-product path never concatenates them)
+    g = target_grad_pieces(grads, dtype=x.dtype)
     feats = None if features is None else _feature_map(features, params, extra_args, x, where)
-    return _stein.stein_system(x, -g, context, features=feats), spec
+    return _stein.stein_system(x, tuple(-p for p in g), context, features=feats), spec
 
 
 def mtsgd(
