@@ -27,7 +27,9 @@ PyTorch, for each network one forward and K backward passes
 Method: compile every variant first (compile time recorded apart), one
 untimed warm-up call each, then R rounds; every round runs every variant of
 every case once, in turn (interleaved), and the medians over rounds are
-reported. ``ms_per_step`` is that median; ``gflops_per_s`` divides the counted
+reported. A variant whose warm-up call took less than 50 ms (the update
+alone) runs ``ceil(50 ms / warm-up)`` calls back to back in each round and
+counts their mean (``calls_per_round`` in the JSON). ``ms_per_step`` is that median; ``gflops_per_s`` divides the counted
 network flops by it: ``M * N * (1 + 2K) * F`` (one forward and K backward
 passes of about twice the forward's flops; linear scalarisation: one
 backward), with ``F`` the forward flops of one network on one example from
@@ -65,6 +67,7 @@ parameter step, with and without the batched feature VJP)::
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -79,6 +82,7 @@ def _set_threads(threads: int) -> None:
     os.environ["XLA_FLAGS"] = flags.strip()
 
 
+MIN_ROUND_S = 0.05  # variants faster than this run several calls per round (see the docstring)
 VARIANTS = (
     "mtsgd", "mtsgd_function", "mtsgd_split", "moo_svgd", "mgda", "linear_scalarization", "mtsgd_plain", "mtsgd_update"
 )
@@ -301,8 +305,13 @@ def main(args) -> dict:
             start = time.perf_counter()
             torch_step()
             variants["torch"] = (torch_step, time.perf_counter() - start, task.num_tasks)
-        for name, (fn, _, _) in variants.items():
+        for name, (fn, comp, passes) in list(variants.items()):
+            start = time.perf_counter()
             jax.block_until_ready(fn())  # warm-up
+            # a variant faster than MIN_ROUND_S (the update alone) runs several times per round, so that
+            # one round is not one call of a few ms, which a single stall of the machine can multiply
+            reps = max(1, math.ceil(MIN_ROUND_S / max(time.perf_counter() - start, 1e-6)))
+            variants[name] = (fn, comp, passes, reps)
         runs[case] = variants
         info[case] = {"batch": n, "num_particles": m, "num_tasks": task.num_tasks, "forward_flops_per_example": fl}
         print(f"{case}: compiled {', '.join(variants)}", flush=True)
@@ -312,10 +321,12 @@ def main(args) -> dict:
     load_before = list(os.getloadavg())
     for r in range(args.rounds):
         for case in cases:
-            for name, (fn, _, _) in runs[case].items():
+            for name, (fn, _, _, reps) in runs[case].items():
                 start = time.perf_counter()
-                jax.block_until_ready(fn())
-                times[case][name].append(time.perf_counter() - start)
+                for _ in range(reps):
+                    out = fn()
+                jax.block_until_ready(out)
+                times[case][name].append((time.perf_counter() - start) / reps)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     load_after = list(os.getloadavg())
     results = {}
@@ -323,12 +334,13 @@ def main(args) -> dict:
         ci = info[case]
         torch_ms = 1e3 * median(times[case]["torch"]) if "torch" in times[case] else None
         rows = {}
-        for name, (fn, comp, passes) in runs[case].items():
+        for name, (fn, comp, passes, reps) in runs[case].items():
             ms = 1e3 * median(times[case][name])
             flops = ci["num_particles"] * ci["batch"] * (1 + 2 * passes) * ci["forward_flops_per_example"] if passes else None
             rows[name] = {
                 "ms_per_step": ms,
                 "round_ms": [1e3 * t for t in times[case][name]],
+                "calls_per_round": reps,
                 "compile_s": comp if name != "torch" else None,
                 "counted_gflop": None if flops is None else flops / 1e9,
                 "gflops_per_s": None if flops is None else flops / 1e9 / (ms / 1e3),
