@@ -205,18 +205,10 @@ def valid_particles(x: Array, vectors: Array) -> Array:
     return _finite_rows(x, vectors)
 
 
-def power_of_two_scale(vectors: Array, valid: Array, axis_name: str | None = None) -> Array:
-    """A power of two ``alpha`` with ``max |vectors| / alpha`` in [1, 2) over the valid rows (1 if all zero).
-
-    Dividing by it is exact, and products of the scaled vectors cannot overflow.
-    ``vectors`` (K, M, d), ``valid`` (M,).
-    """
-    amax = jnp.max(jnp.where(valid[None, :, None], jnp.abs(vectors), 0), initial=0)
-    return _power_of_two_above(amax, axis_name, vectors.dtype)
-
-
 def _power_of_two_above(amax: Array, axis_name: str | None, dtype) -> Array:
-    """The power of two ``alpha`` with ``amax / alpha`` in [1, 2) (``amax`` maximised over devices; 1 if it is 0)."""
+    """The power of two ``alpha`` with ``amax / alpha`` in [1, 2), ``amax`` () being the largest
+    ``|entry|`` of some vectors (maximised over devices); 1 if it is 0. Dividing the vectors by
+    it is exact, and products of the scaled vectors cannot overflow."""
     amax = _pmax(amax, axis_name)
     _, e = jnp.frexp(amax)
     return jnp.where(amax > 0, jnp.ldexp(jnp.ones((), dtype), e - 1), jnp.ones((), dtype))
@@ -252,6 +244,7 @@ def _nan_rows(x: Array, valid: Array) -> Array:
 
 
 def _as_pieces(scores) -> tuple[Array, ...]:
+    """Scores given as one (K, M, d) array or as (K, M, d_l) pieces, as a tuple of pieces."""
     return tuple(scores) if isinstance(scores, (tuple, list)) else (scores,)
 
 
@@ -385,7 +378,7 @@ def stein_system(
       >>> system.gram().shape, system.direction(jnp.array([0.5, 0.5])).shape
       ((2, 2), (10, 2))
     """
-    pieces = tuple(scores) if isinstance(scores, (tuple, list)) else (scores,)
+    pieces = _as_pieces(scores)
     if not pieces or any(p.ndim != 3 or p.shape[:2] != pieces[0].shape[:2] for p in pieces):
         raise ValueError(
             "stein_system: scores must be (K, M, d) or a tuple of (K, M, d_l) pieces, got shapes "
