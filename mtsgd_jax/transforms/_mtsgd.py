@@ -99,8 +99,7 @@ def _unit_norm_weights(gram, sq_norms, solve, warm_start):
     dtype = gram.dtype
     tiny = jnp.finfo(dtype).tiny
     big = jnp.max(jnp.where(jnp.isfinite(sq_norms), jnp.abs(sq_norms), 0), initial=0)
-    _, e = jnp.frexp(big)
-    scale = jnp.where(big > 0, jnp.ldexp(jnp.ones((), dtype), e - 1), jnp.ones((), dtype))
+    scale = _stein._power_of_two_above(big, None, dtype)
     sq = sq_norms / scale
     g = gram / scale
     floor = jnp.maximum(1e-12 * jnp.max(sq), tiny)
