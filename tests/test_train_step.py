@@ -140,12 +140,12 @@ def test_max_pool_2x2_equals_flax_max_pool(shape, f64, seed, ties):
     np.testing.assert_array_equal(out, ref)  # a max is exact
 
 
-def _conv_pair(x, kern, bias, shared):
+def _conv_pair(x, kern, bias, shared, tile_width=None):
     def one(xi, ki, bi):
         return jax.lax.conv_general_dilated(xi, ki, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")) + bi
 
     ref = jax.vmap(one, in_axes=(None if shared else 0, 0, 0))(x, kern, bias)
-    return ref, ensemble_conv2d(x, kern, bias, shared_input=shared)
+    return ref, ensemble_conv2d(x, kern, bias, shared_input=shared, tile_width=tile_width)
 
 
 
@@ -153,8 +153,9 @@ def _conv_pair(x, kern, bias, shared):
 @given(
     dims=st.sampled_from([(1, 1, 1, 1, 1), (2, 3, 2, 3, 2), (3, 4, 4, 2, 3)]),
     shared=st.booleans(), f64=st.booleans(), seed=st.integers(0, 2**16),
+    tile_width=st.sampled_from([None, 1, 2, 3, 100]),  # 2 and 3 leave a partial last tile at some widths
 )
-def test_ensemble_conv2d_equals_lax_conv(dims, shared, f64, seed):
+def test_ensemble_conv2d_equals_lax_conv(dims, shared, f64, seed, tile_width):
     m, kh, kw, c, o = dims
     dtype = jnp.float64 if f64 else jnp.float32
     rng = np.random.default_rng(seed)  # numpy: no per-shape compilation of jax.random
@@ -165,9 +166,9 @@ def test_ensemble_conv2d_equals_lax_conv(dims, shared, f64, seed):
 
     # run op by op: compiling this pair under jit costs ~10x more per shape, and the jitted
     # ensemble_conv2d is covered by the LeNet forward-pass tests above
-    ref, out = _conv_pair(x, kern, bias, shared)
+    ref, out = _conv_pair(x, kern, bias, shared, tile_width)
     assert out.shape == ref.shape == (m, 2, 8 - kh, 7 - kw, o)
-    # each entry is a sum of kh*kw*c <= 48 products of unit normals
+    # each entry is a sum of kh*kw*c <= 48 products of unit normals (and, with tiles, exact zeros)
     scale = float(jnp.sum(jnp.abs(kern))) + 1.0
     np.testing.assert_allclose(out, ref, rtol=0, atol=16 * float(jnp.finfo(dtype).eps) * scale * 8)
 
@@ -175,6 +176,51 @@ def test_ensemble_conv2d_equals_lax_conv(dims, shared, f64, seed):
 def test_ensemble_conv2d_rejects_wrong_input_shape():
     with pytest.raises(ValueError, match=r"ensemble_conv2d: x must have shape \(M, N, H, W, C\) with C = 2"):
         ensemble_conv2d(jnp.zeros((4, 5, 5, 2)), jnp.zeros((3, 2, 2, 2, 1)), shared_input=False)
+    with pytest.raises(ValueError, match=r"ensemble_conv2d: images \(3 x 5\) must be at least as large as the kernel \(4 x 4\)"):
+        ensemble_conv2d(jnp.zeros((2, 3, 5, 1)), jnp.zeros((3, 4, 4, 1, 1)), shared_input=True)
+    for bad in (0, -2, 1.5, True, "4"):
+        with pytest.raises(ValueError, match=r"ensemble_conv2d: tile_width must be a positive int or None, got "):
+            ensemble_conv2d(jnp.zeros((2, 6, 6, 1)), jnp.zeros((3, 2, 2, 1, 1)), shared_input=True, tile_width=bad)
+
+
+@pytest.mark.parametrize(
+    ("out_width", "out_channels", "shared", "want"),
+    [
+        (12, 20, False, 4),  # LeNet's second convolution: 4 pixels x 20 channels = 80 GEMM columns
+        (12, 64, False, 1),  # wide channels: plain im2col
+        (12, 7, False, 12),  # no divisor of 12 reaches 64 columns: the whole row
+        (7, 10, False, 7),  # a prime width
+        (32, 10, True, 1),  # a shared input (the first layer): im2col, whose patches all particles share
+    ],
+)
+def test_default_tile_width_is_the_narrowest_divisor_giving_64_gemm_columns(out_width, out_channels, shared, want):
+    from mtsgd_jax.models.fast import _default_tile_width
+
+    assert _default_tile_width(out_width, out_channels, shared) == want
+
+
+def test_ensemble_conv2d_tiles_are_the_same_convolution_under_jit_and_grad():
+    """Every tile width gives the convolution and its gradients (of x, kernel and bias) of im2col, jitted."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 3, 9, 10, 3)), jnp.float32)
+    kern = jnp.asarray(rng.normal(size=(2, 3, 4, 3, 5)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(2, 5)), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=(2, 3, 7, 7, 5)), jnp.float32)
+
+    @jax.jit
+    def grads(x, kern, bias):
+        return [
+            jax.grad(lambda *a, tw=tw: jnp.vdot(ensemble_conv2d(*a, shared_input=False, tile_width=tw), cot), (0, 1, 2))(
+                x, kern, bias
+            )
+            for tw in (1, 2, 3, 7)
+        ]
+
+    ref, *others = grads(x, kern, bias)
+    for got in others:
+        for a, b in zip(got, ref):
+            # sums of at most 3*4*3*2*7*7 = 3,528 products of unit normals in float32
+            np.testing.assert_allclose(a, b, rtol=0, atol=64 * float(jnp.finfo(jnp.float32).eps) * float(jnp.max(jnp.abs(b))))
 
 
 def test_no_fast_path_for_unregistered_and_batch_norm_models():

@@ -13,8 +13,9 @@ function computing the SAME outputs as ``apply_ensemble(module, params, x)``
 for every particle at once, written with
 
 * :func:`ensemble_conv2d`: valid, stride-1 convolution of all particles as one
-  batched GEMM over image patches (im2col + ``einsum``); when the input is shared
-  by the particles (the first layer) it is a single GEMM;
+  batched GEMM, each row a tile of output pixels (im2col for one-pixel tiles;
+  wider tiles against a banded kernel move fewer bytes); when the input is
+  shared by the particles (the first layer) it is a single GEMM;
 * :func:`max_pool_2x2`: non-overlapping 2x2 max-pooling as reshape + max;
 * ``einsum`` for dense layers and heads (batched over the particle axis).
 
@@ -39,6 +40,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtsgd_jax.models.lenet import MultiHeadLeNet, _check_images
 from mtsgd_jax.models.mlp import SarcosMLP
@@ -96,8 +98,62 @@ def _patches(h: jax.Array, kh: int, kw: int) -> jax.Array:
     return jnp.concatenate(cols, axis=-1)
 
 
-def ensemble_conv2d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, shared_input: bool) -> jax.Array:
-    """Valid, stride-1 2-D convolution of M particles as a batched GEMM over patches.
+_MIN_TILE_COLUMNS = 64  # output columns of one tile's GEMM below which it runs far under GEMM speed
+
+
+def _default_tile_width(out_width: int, out_channels: int, shared_input: bool) -> int:
+    """Output columns per row tile of :func:`ensemble_conv2d` (see there)."""
+    if shared_input:  # the patches are formed once for all particles: the extra flops would not pay
+        return 1
+    for tw in range(1, out_width + 1):  # the narrowest divisor of the width giving a wide-enough GEMM
+        if out_width % tw == 0 and tw * out_channels >= _MIN_TILE_COLUMNS:
+            return tw
+    return out_width
+
+
+def _row_tiles(h: jax.Array, kh: int, kw: int, tw: int) -> tuple[jax.Array, int]:
+    """(..., N, H, W, C) -> ((..., N*oh*nt, kh*(tw+kw-1)*C), nt): the input rows under each tile of tw outputs."""
+    n, height, width, c = h.shape[-4:]
+    oh, ow = height - kh + 1, width - kw + 1
+    nt, wl = -(-ow // tw), tw + kw - 1
+    if nt * tw + kw - 1 > width:  # the last tile reaches past the image: zero columns, sliced off after
+        h = jnp.pad(h, [(0, 0)] * (h.ndim - 2) + [(0, nt * tw + kw - 1 - width), (0, 0)])
+    tiles = [
+        jnp.stack([h[..., i : i + oh, t * tw : t * tw + wl, :] for i in range(kh)], axis=-3) for t in range(nt)
+    ]
+    a = jnp.stack(tiles, axis=-4)  # (..., N, oh, nt, kh, wl, C)
+    return a.reshape(*a.shape[:-6], n * oh * nt, kh * wl * c), nt
+
+
+def _banded_kernel(kernel: jax.Array, tw: int) -> jax.Array:
+    """(M, kh, kw, C, O) -> (M, kh*(tw+kw-1)*C, tw*O): entry ((i, p, c), (x, o)) is kernel[:, i, p-x, c, o] when 0 <= p-x < kw, else 0."""
+    m, kh, kw, c, o = kernel.shape
+    wl = tw + kw - 1
+    band = np.arange(wl)[:, None, None] - np.arange(tw)[None, :, None] == np.arange(kw)[None, None, :]
+    t = jnp.einsum("pxj,mijco->mipcxo", band.astype(kernel.dtype), kernel)
+    return t.reshape(m, kh * wl * c, tw * o)
+
+
+def ensemble_conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    shared_input: bool,
+    tile_width: int | None = None,
+) -> jax.Array:
+    """Valid, stride-1 2-D convolution of M particles as one batched GEMM.
+
+    The output is cut into row tiles of ``tile_width`` pixels. Each tile is one
+    row of a GEMM: the ``kh x (tile_width + kw - 1) x C`` input values under
+    it, times a banded matrix holding every particle's kernel once per output
+    pixel of the tile (zeros off the band). ``tile_width = 1`` is the classic
+    im2col (patches of ``kh*kw*C`` values); wider tiles read and write fewer
+    bytes (the input under a tile is shared by its pixels) for more flops
+    (the band's zeros), which pays when the channel counts are small, as in
+    LeNet: on a 2-core CPU, 4-pixel tiles in its second convolution make the
+    forward pass with the K per-task backward passes (M = 5, batch 256) about
+    1.6x faster than im2col (530 -> 335 ms on one thread).
 
     Args:
       x: NHWC inputs, (N, H, W, C) shared by the particles (``shared_input=True``)
@@ -105,19 +161,49 @@ def ensemble_conv2d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = No
       kernel: (M, kh, kw, C, O), flax's HWIO kernels stacked over particles.
       bias: (M, O) or ``None``.
       shared_input: whether ``x`` lacks the particle axis.
+      tile_width: output pixels per tile, ``>= 1``; default: 1 (im2col) for a
+        shared input, whose patches are formed once for all particles; else the
+        narrowest divisor of the output width whose tile gives a GEMM at least
+        64 columns wide (``tile_width * O >= 64``), or the whole width.
 
     Returns:
       (M, N, H-kh+1, W-kw+1, O): ``nn.Conv(O, (kh, kw), padding="VALID")`` of
-      each particle.
+      each particle, equal up to the order of the sums (a band's zeros add
+      exact zeros; a non-finite input may turn an output that is ``inf`` in the
+      plain convolution into ``nan``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtsgd_jax.models import ensemble_conv2d
+      >>> x = jnp.ones((3, 2, 16, 16, 10))  # M = 3 particles, N = 2 images
+      >>> ensemble_conv2d(x, jnp.ones((3, 5, 5, 10, 20)), shared_input=False).shape
+      (3, 2, 12, 12, 20)
     """
     m, kh, kw, c, o = kernel.shape
     if x.ndim != (4 if shared_input else 5) or x.shape[-1] != c:
         want = "(N, H, W, C)" if shared_input else "(M, N, H, W, C)"
         raise ValueError(f"ensemble_conv2d: x must have shape {want} with C = {c}, got shape {x.shape}.")
-    p = _patches(x, kh, kw)
-    w = kernel.reshape(m, kh * kw * c, o)
-    spec = "nhwp,mpo->mnhwo" if shared_input else "mnhwp,mpo->mnhwo"
-    out = jnp.einsum(spec, p, w)
+    n, height, width = x.shape[-4:-1]
+    if height < kh or width < kw:
+        raise ValueError(
+            f"ensemble_conv2d: images ({height} x {width}) must be at least as large as the kernel ({kh} x {kw})."
+        )
+    oh, ow = height - kh + 1, width - kw + 1
+    if tile_width is None:
+        tw = _default_tile_width(ow, o, shared_input)
+    elif isinstance(tile_width, (bool, np.bool_)) or not isinstance(tile_width, (int, np.integer)) or tile_width < 1:
+        raise ValueError(f"ensemble_conv2d: tile_width must be a positive int or None, got {tile_width!r}.")
+    else:
+        tw = min(int(tile_width), ow)
+    if tw == 1:
+        p = _patches(x, kh, kw)
+        w = kernel.reshape(m, kh * kw * c, o)
+        spec = "nhwp,mpo->mnhwo" if shared_input else "mnhwp,mpo->mnhwo"
+        out = jnp.einsum(spec, p, w)
+    else:
+        a, nt = _row_tiles(x, kh, kw, tw)
+        out = jnp.einsum("rk,mkq->mrq" if shared_input else "mrk,mkq->mrq", a, _banded_kernel(kernel, tw))
+        out = out.reshape(m, n, oh, nt * tw, o)[:, :, :, :ow]
     if bias is not None:
         out = out + bias[:, None, None, None, :]
     return out
