@@ -311,7 +311,7 @@ def test_function_kernel_reusing_the_forward_pass_equals_recomputing(digits_task
 
 @pytest.mark.x64
 def test_per_task_gradients_equal_separate_grads(digits_task):
-    """The vmapped VJP over K cotangents gives each task's own gradient (float64)."""
+    """The VJP over K cotangents gives each task's own gradient (float64)."""
     method = build_method(digits_task, "mgda", 2)
     tr = Trainer(digits_task, method, optax.sgd(0.1), batch_size=16)
     params = _cast(tr.init(0).params, jnp.float64)
@@ -329,6 +329,27 @@ def test_per_task_gradients_equal_separate_grads(digits_task):
             got = jax.tree_util.tree_map(lambda g: g[k, p], grads)
             for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
                 np.testing.assert_allclose(a, b, rtol=0, atol=_tol(jnp.float64, b))
+
+
+@pytest.mark.parametrize("count", [1, 3, 8, 9, 12])
+def test_pulling_back_several_cotangents_equals_one_vjp_each(count):
+    """Up to 8 cotangents go one after another (lax.map), more are vmapped: both are the VJP of each."""
+    from mtsgd_jax.training.trainer import _SEQUENTIAL_PULLBACKS, _pull_each
+
+    rng = np.random.default_rng(count)
+    w = {"a": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+    x = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+    cts = jnp.asarray(rng.normal(size=(count, 5, 3)), jnp.float32)
+    extra = jnp.asarray(rng.normal(size=(count, 5)), jnp.float32)
+    out, vjp = jax.vjp(lambda q: (jnp.tanh(x @ q["a"] + q["b"]), jnp.sin(x @ q["a"]).sum(-1)), w)
+    got = jax.jit(lambda c, e: _pull_each(lambda ci, ei: vjp((ci, ei))[0], c, e))(cts, extra)
+    for i in range(count):
+        ref = vjp((cts[i], extra[i]))[0]
+        for name in w:
+            assert got[name].shape == (count,) + w[name].shape
+            np.testing.assert_allclose(got[name][i], ref[name], rtol=0, atol=8 * float(jnp.finfo(jnp.float32).eps) * (1 + float(jnp.max(jnp.abs(ref[name])))))
+    jaxpr = str(jax.make_jaxpr(lambda c, e: _pull_each(lambda ci, ei: vjp((ci, ei))[0], c, e))(cts, extra))
+    assert ("scan" in jaxpr) == (count <= _SEQUENTIAL_PULLBACKS)
 
 
 class _UserNet(nn.Module):
