@@ -331,9 +331,11 @@ def test_per_task_gradients_equal_separate_grads(digits_task):
                 np.testing.assert_allclose(a, b, rtol=0, atol=_tol(jnp.float64, b))
 
 
+@pytest.mark.parametrize("sequential", [True, False])
 @pytest.mark.parametrize("count", [1, 3, 8, 9, 12])
-def test_pulling_back_several_cotangents_equals_one_vjp_each(count):
-    """Up to 8 cotangents go one after another (lax.map), more are vmapped: both are the VJP of each."""
+def test_pulling_back_several_cotangents_equals_one_vjp_each(count, sequential):
+    """Up to 8 cotangents go one after another (lax.map) when asked, else they are vmapped: both are the
+    VJP of each."""
     from mtsgd_jax.training.trainer import _SEQUENTIAL_PULLBACKS, _pull_each
 
     rng = np.random.default_rng(count)
@@ -342,14 +344,16 @@ def test_pulling_back_several_cotangents_equals_one_vjp_each(count):
     cts = jnp.asarray(rng.normal(size=(count, 5, 3)), jnp.float32)
     extra = jnp.asarray(rng.normal(size=(count, 5)), jnp.float32)
     out, vjp = jax.vjp(lambda q: (jnp.tanh(x @ q["a"] + q["b"]), jnp.sin(x @ q["a"]).sum(-1)), w)
-    got = jax.jit(lambda c, e: _pull_each(lambda ci, ei: vjp((ci, ei))[0], c, e))(cts, extra)
+    def pull(c, e):
+        return _pull_each(lambda ci, ei: vjp((ci, ei))[0], c, e, sequential=sequential)
+
+    got = jax.jit(pull)(cts, extra)
     for i in range(count):
         ref = vjp((cts[i], extra[i]))[0]
         for name in w:
             assert got[name].shape == (count,) + w[name].shape
             np.testing.assert_allclose(got[name][i], ref[name], rtol=0, atol=8 * float(jnp.finfo(jnp.float32).eps) * (1 + float(jnp.max(jnp.abs(ref[name])))))
-    jaxpr = str(jax.make_jaxpr(lambda c, e: _pull_each(lambda ci, ei: vjp((ci, ei))[0], c, e))(cts, extra))
-    assert ("scan" in jaxpr) == (count <= _SEQUENTIAL_PULLBACKS)
+    assert ("scan" in str(jax.make_jaxpr(pull)(cts, extra))) == (sequential and count <= _SEQUENTIAL_PULLBACKS)
 
 
 class _UserNet(nn.Module):

@@ -51,7 +51,7 @@ import numpy as np
 import optax
 
 from mtsgd_jax.metrics.calibration import brier_score, expected_calibration_error
-from mtsgd_jax.models import init_ensemble
+from mtsgd_jax.models import ensemble_forward, init_ensemble
 from mtsgd_jax.training import checkpoint as _ckpt
 from mtsgd_jax.training import recipe as _recipe
 from mtsgd_jax.training.methods import Method, make_method, make_optimizer
@@ -149,22 +149,25 @@ _precomputed = _recipe._precomputed
 # Features whose pullback runs through the whole network (the step batches their VJP with the
 # per-task gradients'); the split kernels' head features only reach their head.
 _WHOLE_NETWORK_FEATURES = ("outputs", "latent")
-# At most this many cotangents are pulled back one after another (lax.map); more are vmapped.
+# At most this many cotangents are pulled back one after another (lax.map) through a fast ensemble pass.
 _SEQUENTIAL_PULLBACKS = 8
 
 
-def _pull_each(vjp: Callable, *cts):
+def _pull_each(vjp: Callable, *cts, sequential: bool = True):
     """``vjp`` applied to each cotangent along the leading axis of ``cts`` (C of them); leaves stacked (C, ...).
 
-    A few cotangents go one after another through ``lax.map``: each pass is then
-    a plain backward pass, where a vmapped one puts the cotangent axis outermost
-    on every intermediate and XLA's CPU backend transposes the activations'
-    gradients for each weight-gradient GEMM (one thread: the LeNet step, K = 2,
-    about 6 % faster, the SARCOS step, K = 7, about 22 % faster). Many cotangents
-    are vmapped: with small per-network batches (the ResNet case, K = 40, 4 images)
-    one batched pass is several times faster than K small ones.
+    With ``sequential`` (the trainer passes whether the registered fast ensemble
+    pass runs) and at most 8 cotangents, they go one after another through
+    ``lax.map``: each pass is then a plain backward pass, where a vmapped one
+    puts the cotangent axis outermost on every intermediate and XLA's CPU
+    backend transposes the activations' gradients for each weight-gradient GEMM
+    (one thread, interleaved: the LeNet MT-SGD step 354 -> 332 ms, K = 2; the
+    SARCOS step 141 -> 110 ms, K = 7). Otherwise they are vmapped: through the
+    vmapped flax module (grouped convolutions) sequential passes took twice as
+    long on LeNet, and with many cotangents and small per-network batches (the
+    ResNet case, K = 40, 4 images) one batched pass is several times faster.
     """
-    if jax.tree_util.tree_leaves(cts)[0].shape[0] <= _SEQUENTIAL_PULLBACKS:
+    if sequential and jax.tree_util.tree_leaves(cts)[0].shape[0] <= _SEQUENTIAL_PULLBACKS:
         return jax.lax.map(lambda c: vjp(*c), cts)
     return jax.vmap(vjp)(*cts)
 
@@ -407,6 +410,7 @@ class Trainer:
             return (values, {}), new_s
 
         (values, feats), vjp, new_state = jax.vjp(f, params, has_aux=True)
+        sequential = self.fast and not task.batch_norm and ensemble_forward(task.model) is not None
         p = values.shape[0]
         zeros = {n: jnp.zeros_like(v) for n, v in feats.items()}
         task_cts = jnp.broadcast_to(jnp.eye(k, dtype=values.dtype)[:, None, :], (k, p, k))
@@ -415,7 +419,7 @@ class Trainer:
             grads = vjp((jnp.asarray(scal, values.dtype), zeros))[0]  # leaves (P, ...)
             return values.T, grads, new_state, None
         if not names:
-            grads = _pull_each(lambda c: vjp((c, zeros))[0], task_cts)  # leaves (K, P, ...)
+            grads = _pull_each(lambda c: vjp((c, zeros))[0], task_cts, sequential=sequential)  # leaves (K, P, ...)
             return values.T, grads, new_state, None
 
         def own_vjp(name):
@@ -432,7 +436,7 @@ class Trainer:
                 guessed[m].astype(z.dtype) if m == n else jnp.zeros_like(z) for m in batched
             ]) for n, z in feats.items()
         }
-        pulled = _pull_each(lambda cv, cf: vjp((cv, cf))[0], value_cts, feat_cts)
+        pulled = _pull_each(lambda cv, cf: vjp((cv, cf))[0], value_cts, feat_cts, sequential=sequential)
         grads = jax.tree_util.tree_map(lambda g: g[:k], pulled)  # leaves (K, P, ...)
 
         def pullback(name):
