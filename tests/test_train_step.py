@@ -277,9 +277,13 @@ def test_trainer_step_fast_equals_vmapped_flax(digits_task, name, space, dtype):
     for a, b in zip(l_fast, l_ref):
         assert a.dtype == dtype
         np.testing.assert_allclose(a, b, rtol=0, atol=_tol(dtype, b))
+    # The function-space features (predicted probabilities) and their pullback are formed in float32
+    # whatever the parameters' dtype (tasks.py); the fast path pulls the cotangents back one after
+    # another, the vmapped one in a batch, which round them differently: float32's epsilon bounds that.
+    step_dtype = jnp.float32 if space == "function" else dtype
     for a, b in zip(jax.tree_util.tree_leaves(p_fast), jax.tree_util.tree_leaves(p_ref)):
         assert a.dtype == dtype
-        np.testing.assert_allclose(a, b, rtol=0, atol=_tol(dtype, b))
+        np.testing.assert_allclose(a, b, rtol=0, atol=_tol(step_dtype, b))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
