@@ -43,6 +43,16 @@ Threads: both libraries use ``--threads`` threads (default 1): XLA through
 (set before jax is imported; with T > 1 only the intra-op count is set) and
 PyTorch through ``torch.set_num_threads(T)`` and ``torch.set_num_interop_threads(1)``.
 
+Memory: both libraries allocate their large temporaries afresh on every step,
+and on Linux each new 4 KiB page costs a page fault (LeNet's compiled step has
+about 300 MB of temporaries). ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >=
+2.35, transparent huge pages in "madvise" or "always" mode) makes glibc back
+them with 2 MiB pages instead, for both libraries alike; the JSON records the
+variable (``glibc_tunables``)::
+
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/train_step.py --cases lenet --rounds 3 \
+        --out-name train_step_hugetlb
+
 PyTorch is an optional extra, never installed by CI: ``pip install -e .[bench]``
 (``torch==2.13.0``). Without it the JAX variants still run and the torch
 columns are empty.
@@ -360,6 +370,7 @@ def main(args) -> dict:
         "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:]),
         "threads": args.threads,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "rounds": args.rounds,
         "loadavg_before": load_before,
         "loadavg_after": load_after,

@@ -1,6 +1,6 @@
 """The fast ensemble paths and the trainer's one-pass per-task gradients.
 
-* ``ensemble_forward`` (patch-GEMM convolutions, reshape+max pooling, einsum
+* ``ensemble_forward`` (tiled-GEMM convolutions, reshape+max pooling, einsum
   dense layers) equals the vmapped flax module: outputs and every per-task
   gradient, float32 and float64;
 * the building blocks equal their lax / flax counterparts (property tests);

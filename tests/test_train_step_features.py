@@ -3,7 +3,7 @@
 With ``kernel_space="function"`` or ``"split"``, :meth:`Trainer.step` finds the
 kernels' cotangent on the whole-network features (``"outputs"`` / ``"latent"``)
 before the backward pass (the method's update run on placeholder gradients) and
-pulls it back in the same vmapped VJP as the K per-task cotangents. These tests
+pulls it back in the same VJP computation as the K per-task cotangents. These tests
 check that the step's update is the one computed independently (per-task
 ``jax.grad``, the features recomputed and pulled back by the transformation's own
 VJP), that the feature pullback returns the VJP for the guessed cotangent and for
