@@ -34,7 +34,9 @@ network flops by it: ``M * N * (1 + 2K) * F`` (one forward and K backward
 passes of about twice the forward's flops; linear scalarisation: one
 backward), with ``F`` the forward flops of one network on one example from
 XLA's cost analysis. ``ratio_to_torch`` is the variant's median over the
-torch median of the same case and run. ``loadavg_before`` / ``loadavg_after``:
+torch median of the same case and run; ``ratio_to_torch_by_round``: the median
+(and range) over rounds of the variant's time over torch's time in the same
+round, steadier when the machine's load comes in bursts. ``loadavg_before`` / ``loadavg_after``:
 ``os.getloadavg()`` around the timed rounds (other processes compete for the
 cores; the interleaving makes the ratios fair, not the absolute times).
 
@@ -65,7 +67,8 @@ Results: ``benchmarks/results/train_step.json`` (every round's times, medians,
 compile times, flops, ratios, machine information and load) and
 ``benchmarks/results/train_step.png`` (``--out-name`` changes the stem).
 ``ratio_to_parameter_kernel``: a kernel-on-features variant's median over the
-``mtsgd`` median of the same case and run.
+``mtsgd`` median of the same case and run (``ratio_to_parameter_kernel_by_round``:
+per round, as above).
 
 The kernel-space comparison (LeNet; function and split steps against the
 parameter step, with and without the batched feature VJP)::
@@ -355,6 +358,7 @@ def main(args) -> dict:
                 "counted_gflop": None if flops is None else flops / 1e9,
                 "gflops_per_s": None if flops is None else flops / 1e9 / (ms / 1e3),
                 "ratio_to_torch": None if torch_ms is None else ms / torch_ms,
+                "ratio_to_torch_by_round": _by_round(times[case], name, "torch"),
             }
         base_ms = rows["mtsgd"]["ms_per_step"] if "mtsgd" in rows else None
         if "mtsgd_update" in rows and base_ms:
@@ -362,6 +366,7 @@ def main(args) -> dict:
         for name in rows:
             if name.removesuffix("_separate") in KERNEL_SPACES and base_ms:
                 rows[name]["ratio_to_parameter_kernel"] = rows[name]["ms_per_step"] / base_ms
+                rows[name]["ratio_to_parameter_kernel_by_round"] = _by_round(times[case], name, "mtsgd")
         if "mtsgd_plain" in rows and base_ms:
             rows["mtsgd_plain"]["ratio_to_fast"] = rows["mtsgd_plain"]["ms_per_step"] / base_ms
         results[case] = {**ci, "variants": rows}
@@ -383,13 +388,26 @@ def main(args) -> dict:
     table = []
     for case, res in results.items():
         for name, row in res["variants"].items():
+            by_round = row["ratio_to_torch_by_round"]
             table.append([f"{case}/{name}", row["ms_per_step"], row["gflops_per_s"] if row["gflops_per_s"] else "-",
                           row["ratio_to_torch"] if row["ratio_to_torch"] else "-",
+                          by_round["median"] if by_round else "-",
                           row.get("ratio_to_parameter_kernel") or "-", row["compile_s"] or "-"])
-    print(format_table(["case/variant", "ms/step", "GFLOP/s", "/torch", "/mtsgd", "compile s"], table))
+    print(format_table(["case/variant", "ms/step", "GFLOP/s", "/torch", "/torch by round", "/mtsgd", "compile s"], table))
     print(f"load before {load_before}, after {load_after}")
     _plot(results, os.path.join(args.out, f"{args.out_name}.png"))
     return payload
+
+
+def _by_round(case_times: dict, name: str, ref: str) -> dict | None:
+    """Median, min and max over rounds of ``name``'s time over ``ref``'s time in the SAME round.
+
+    The two ran seconds apart, so a burst of load on the machine that slows one
+    round slows both; the ratio of the two medians can pair rounds far apart."""
+    if ref not in case_times or name == ref:
+        return None
+    ratios = [a / b for a, b in zip(case_times[name], case_times[ref])]
+    return {"median": median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
 def _torch_version():
