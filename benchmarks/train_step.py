@@ -47,7 +47,7 @@ PyTorch through ``torch.set_num_threads(T)`` and ``torch.set_num_interop_threads
 
 Memory: both libraries allocate their large temporaries afresh on every step,
 and on Linux each new 4 KiB page costs a page fault (LeNet's compiled step has
-about 300 MB of temporaries). ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >=
+about 300 MiB of temporaries, ``xla_temp_mib``). ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >=
 2.35, transparent huge pages in "madvise" or "always" mode) makes glibc back
 them with 2 MiB pages instead, for both libraries alike; the JSON records the
 variable (``glibc_tunables``)::
@@ -66,7 +66,8 @@ Reproduce (repository root)::
 Results: ``benchmarks/results/train_step.json`` (every round's times, medians,
 compile times, flops, ratios, machine information and load) and
 ``benchmarks/results/train_step.png`` (``--out-name`` changes the stem).
-``ratio_to_parameter_kernel``: a kernel-on-features variant's median over the
+``xla_temp_mib``: the temporaries XLA allocates for each call of the compiled
+step (its memory analysis). ``ratio_to_parameter_kernel``: a kernel-on-features variant's median over the
 ``mtsgd`` median of the same case and run (``ratio_to_parameter_kernel_by_round``:
 per round, as above).
 
@@ -213,7 +214,18 @@ def _jax_variants(case, task, x, y, m, names):
             fn = (lambda c=compiled, a=(state, xj, yj): c(*a))
             passes = 1 if method.scalarization is not None else task.num_tasks
         out[name] = (fn, time.perf_counter() - start, passes)
+        TEMP_MIB[case, name] = _temp_mib(compiled)
     return out
+
+
+TEMP_MIB: dict = {}  # (case, variant) -> MiB of temporaries XLA allocates per call of the compiled step
+
+
+def _temp_mib(compiled) -> float | None:
+    try:
+        return compiled.memory_analysis().temp_size_in_bytes / 2**20
+    except Exception:  # noqa: BLE001 - a backend without memory analysis
+        return None
 
 
 def _torch_step(case, x, y, m, threads):
@@ -355,6 +367,7 @@ def main(args) -> dict:
                 "round_ms": [1e3 * t for t in times[case][name]],
                 "calls_per_round": reps,
                 "compile_s": comp if name != "torch" else None,
+                "xla_temp_mib": TEMP_MIB.get((case, name)),
                 "counted_gflop": None if flops is None else flops / 1e9,
                 "gflops_per_s": None if flops is None else flops / 1e9 / (ms / 1e3),
                 "ratio_to_torch": None if torch_ms is None else ms / torch_ms,
