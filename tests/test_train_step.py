@@ -233,6 +233,19 @@ def test_no_fast_path_for_unregistered_and_batch_norm_models():
     assert ensemble_forward(Sub()) is None
 
 
+def test_task_fast_forward_is_the_pass_the_trainer_runs(digits_task):
+    """Task.fast_forward: the registered pass unless fast=False or batch norm (then the vmapped module)."""
+    assert digits_task.fast_forward() is not None and digits_task.fast_forward(False) is None
+    celeba_like = Task(
+        name="bn", model=MultiHeadResNet18(num_tasks=2, num_classes=2), kind="classification",
+        task_names=("a", "b"), num_classes=2, train_data=None, eval_data=None,
+        sample_input=np.zeros((1, 8, 8, 3), np.float32), batch_norm=True,
+    )
+    assert celeba_like.fast_forward() is None
+    user = _user_task()
+    assert user.fast_forward() is None  # no registered pass for a user's own module
+
+
 # ----------------------------------------------------------------------------- trainer
 
 

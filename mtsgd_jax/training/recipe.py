@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mtsgd_jax.models import MultiHeadLeNet, MultiHeadResNet18, SarcosMLP, ensemble_forward
+from mtsgd_jax.models import MultiHeadLeNet, MultiHeadResNet18, SarcosMLP
 from mtsgd_jax.transforms import make_transform, preference_vectors
 
 __all__ = [
@@ -458,7 +458,7 @@ def forward_with_latent(task, params, state: dict, x, *, train: bool, fast: bool
     The fast ensemble pass is used when it has ``return_features`` (the
     registered models' do), else the flax module vmapped over networks.
     """
-    fn = ensemble_forward(task.model) if (fast and not task.batch_norm) else None
+    fn = task.fast_forward(fast)
     if fn is not None and _accepts_return_features(fn):
         out, latent = fn(params, x, return_features=True)
         return out, latent, state

@@ -156,6 +156,16 @@ class Task:
             return out, {**state, **updated}
         return self.model.apply(variables, x, train=False), state
 
+    def fast_forward(self, fast: bool = True):
+        """The registered all-networks forward pass this task runs, or ``None``.
+
+        ``fn(params, x) -> outputs (P, N, ...)`` from
+        :func:`mtsgd_jax.models.ensemble_forward` when ``fast`` and the model has
+        one and no batch norm; ``None`` when :meth:`ensemble_forward` vmaps the
+        flax module instead.
+        """
+        return ensemble_forward(self.model) if (fast and not self.batch_norm) else None
+
     def ensemble_forward(self, params, state: dict, x, *, train: bool, fast: bool = True):
         """Outputs of ALL P networks (leaves of ``params`` and ``state`` (P, ...)) on the shared batch ``x``.
 
@@ -165,7 +175,7 @@ class Task:
         networks run as one batched computation (same values up to
         floating-point reassociation); otherwise :meth:`forward` is vmapped.
         """
-        fn = ensemble_forward(self.model) if (fast and not self.batch_norm) else None
+        fn = self.fast_forward(fast)
         if fn is not None:
             return fn(params, x), state
         return jax.vmap(lambda p, s: self.forward(p, s, x, train=train))(params, state)

@@ -51,7 +51,7 @@ import numpy as np
 import optax
 
 from mtsgd_jax.metrics.calibration import brier_score, expected_calibration_error
-from mtsgd_jax.models import ensemble_forward, init_ensemble
+from mtsgd_jax.models import init_ensemble
 from mtsgd_jax.training import checkpoint as _ckpt
 from mtsgd_jax.training import recipe as _recipe
 from mtsgd_jax.training.methods import Method, make_method, make_optimizer
@@ -410,7 +410,8 @@ class Trainer:
             return (values, {}), new_s
 
         (values, feats), vjp, new_state = jax.vjp(f, params, has_aux=True)
-        sequential = self.fast and not task.batch_norm and ensemble_forward(task.model) is not None
+        fast_fn = task.fast_forward(self.fast)  # the pass f runs: through it, cotangents go one by one
+        sequential = fast_fn is not None and (not split or _recipe._accepts_return_features(fast_fn))
         p = values.shape[0]
         zeros = {n: jnp.zeros_like(v) for n, v in feats.items()}
         task_cts = jnp.broadcast_to(jnp.eye(k, dtype=values.dtype)[:, None, :], (k, p, k))
