@@ -361,6 +361,7 @@ def test_pulling_back_several_cotangents_equals_one_vjp_each(count, sequential):
     cts = jnp.asarray(rng.normal(size=(count, 5, 3)), jnp.float32)
     extra = jnp.asarray(rng.normal(size=(count, 5)), jnp.float32)
     out, vjp = jax.vjp(lambda q: (jnp.tanh(x @ q["a"] + q["b"]), jnp.sin(x @ q["a"]).sum(-1)), w)
+
     def pull(c, e):
         return _pull_each(lambda ci, ei: vjp((ci, ei))[0], c, e, sequential=sequential)
 

@@ -153,7 +153,7 @@ _WHOLE_NETWORK_FEATURES = ("outputs", "latent")
 _SEQUENTIAL_PULLBACKS = 8
 
 
-def _pull_each(vjp: Callable, *cts, sequential: bool = True):
+def _pull_each(vjp: Callable, *cts, sequential: bool):
     """``vjp`` applied to each cotangent along the leading axis of ``cts`` (C of them); leaves stacked (C, ...).
 
     With ``sequential`` (the trainer passes whether the registered fast ensemble
